@@ -1,0 +1,30 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture
+def tokenizer():
+    """SmolLM2-like: no BOS, right padding."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tokenizer_bos_left():
+    """Gemma-like: BOS prepended, left padding."""
+    return tiny_tokenizer(bos=True, padding_side="left")
+
+
+@pytest.fixture(params=["llama", "gpt2", "gpt_neox"])
+def any_model(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
