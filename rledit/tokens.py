@@ -1,0 +1,173 @@
+"""Prompt + target → tensors, in exactly one place.
+
+The conventions every part of rledit relies on:
+
+* The target is scored as the tokens of ``" " + target`` following the prompt. They are found by
+  tokenising ``prompt + " " + target`` jointly and taking what follows the prompt's own tokens (so
+  SentencePiece tokenizers do not leave a stray ``"▁"``); if the prompt's tokens are not a prefix of the
+  joint tokens, the target is tokenised on its own with the leading space.
+* The prompt is tokenised with the tokenizer's special tokens (a BOS where the tokenizer adds one); the
+  target never gets special tokens.
+* Teacher forcing: the input is ``prompt + target[:-1]``. ``labels`` are *prediction-aligned*: ``labels[b, i]``
+  is the token position ``i`` must predict, or -100. So ``cross_entropy(logits[b, i], labels[b, i])`` needs no
+  shift, and labels must never be handed to a Hugging Face model (which would shift them again).
+* Padding follows ``tokenizer.padding_side``; ``position_ids`` count only real tokens, so a left-padded row
+  gives the same logits as the same row unpadded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class TokenizationError(ValueError):
+    """A prompt/target pair that cannot be turned into a valid model input."""
+
+
+@dataclass
+class TokenBatch:
+    """A padded batch of teacher-forced prompt+target rows (or prompt-only rows when no targets)."""
+
+    input_ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) long, 1 on real tokens
+    position_ids: torch.Tensor  # (B, L) long, 0-based among real tokens
+    labels: torch.Tensor  # (B, L) long, prediction-aligned target ids or -100
+    target_ids: list[list[int]]  # per row, the full target token ids
+
+    @property
+    def answer_mask(self) -> torch.Tensor:
+        """(B, L) bool: positions whose prediction is a target token."""
+        return self.labels != -100
+
+    @property
+    def n_answer_tokens(self) -> int:
+        """N: the number of answer tokens in the batch."""
+        return int(self.answer_mask.sum())
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        """The same batch on ``device``."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device)
+        return TokenBatch(**moved)
+
+
+def target_token_ids(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """(prompt ids with special tokens, ids of ``" " + target``) following the conventions above."""
+    prompt = prompt.rstrip()
+    target = target.strip()
+    if not prompt:
+        raise TokenizationError("empty prompt")
+    if not target:
+        raise TokenizationError(f"empty target for prompt {prompt!r}")
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    joint = tokenizer(prompt + " " + target, add_special_tokens=True)["input_ids"]
+    if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+        target_ids = joint[len(prompt_ids) :]
+        eos = tokenizer.eos_token_id
+        if eos is not None and target_ids[-1] == eos and not target.endswith(tokenizer.eos_token or "\0"):
+            target_ids = target_ids[:-1]  # tokenizers that append EOS to every sequence
+    else:
+        target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    if not target_ids:
+        raise TokenizationError(f"target {target!r} tokenises to nothing")
+    return list(prompt_ids), list(target_ids)
+
+
+def encode(
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str] | None = None,
+    max_length: int | None = None,
+) -> TokenBatch:
+    """Tokenise prompts (and targets, teacher-forced) into a padded :class:`TokenBatch`.
+
+    ``max_length`` (e.g. the model's context size) turns an over-long row into a :class:`TokenizationError`
+    naming the row; nothing is ever truncated silently.
+    """
+    if isinstance(prompts, str):
+        raise TokenizationError("prompts must be a sequence of strings, not one string")
+    if targets is not None and len(targets) != len(prompts):
+        raise TokenizationError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if not prompts:
+        raise TokenizationError("no prompts to encode")
+    rows: list[list[int]] = []
+    label_rows: list[list[int]] = []
+    all_targets: list[list[int]] = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise TokenizationError(f"row {i}: empty prompt")
+        if targets is None:
+            ids = list(tokenizer(prompt.rstrip(), add_special_tokens=True)["input_ids"])
+            rows.append(ids)
+            label_rows.append([-100] * len(ids))
+            all_targets.append([])
+            continue
+        prompt_ids, target_ids = target_token_ids(tokenizer, prompt, targets[i])
+        ids = prompt_ids + target_ids[:-1]
+        labels = [-100] * (len(prompt_ids) - 1) + target_ids
+        rows.append(ids)
+        label_rows.append(labels)
+        all_targets.append(target_ids)
+    if max_length is not None:
+        for i, ids in enumerate(rows):
+            if len(ids) > max_length:
+                raise TokenizationError(
+                    f"row {i} is {len(ids)} tokens long, longer than the model's context of {max_length}"
+                )
+    return _pad(tokenizer, rows, label_rows, all_targets)
+
+
+def _pad(tokenizer, rows: list[list[int]], label_rows: list[list[int]], targets: list[list[int]]) -> TokenBatch:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise TokenizationError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+    width = max(len(r) for r in rows)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    ids, mask, labels = [], [], []
+    for row, lab in zip(rows, label_rows):
+        n_pad = width - len(row)
+        if left:
+            ids.append([pad_id] * n_pad + row)
+            mask.append([0] * n_pad + [1] * len(row))
+            labels.append([-100] * n_pad + lab)
+        else:
+            ids.append(row + [pad_id] * n_pad)
+            mask.append([1] * len(row) + [0] * n_pad)
+            labels.append(lab + [-100] * n_pad)
+    attention = torch.tensor(mask, dtype=torch.long)
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    return TokenBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=attention,
+        position_ids=positions,
+        labels=torch.tensor(labels, dtype=torch.long),
+        target_ids=targets,
+    )
+
+
+def forward_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """Logits (B, L, V) of ``model`` on ``batch``, with padding-aware positions."""
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device),
+        use_cache=False,
+    )
+    return out.logits
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The model's maximum number of positions, if its config says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
