@@ -1,0 +1,115 @@
+"""Trained editor checkpoints: a method's learned state plus what it was trained for.
+
+A checkpoint is a folder with ``checkpoint.json`` (method, hyper-parameters, model, edited modules,
+training facts) and ``checkpoint.safetensors`` (the method's ``state_dict``; no pickle). Editors shipped with
+rledit live in ``rledit/editors/<name>/`` and load by name (``checkpoint="smollm2-135m-zsre"``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import rledit
+from rledit.deltas import atomic_directory
+from rledit.targets import EditTarget
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "editors"
+META_FILE = "checkpoint.json"
+STATE_FILE = "checkpoint.safetensors"
+FORMAT = "rledit-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not exist, is damaged, or was trained for other modules."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: what to build (method, hparams, layers, modules) and the state to load into it."""
+
+    path: Path
+    method: str
+    hparams: dict[str, Any]
+    model: str
+    layers: list[int]
+    modules: list[str]
+    targets: list[list[Any]]
+    state: dict[str, torch.Tensor]
+    extra: dict[str, Any]
+
+    def check_targets(self, targets: Sequence[EditTarget]) -> None:
+        """Raise unless ``targets`` are exactly the modules (names and shapes) this editor was trained for."""
+        current = [[t.name, t.d_in, t.d_out] for t in targets]
+        if current != self.targets:
+            raise CheckpointError(
+                f"checkpoint {self.path} was trained for modules {self.targets} of {self.model!r}; "
+                f"this model's modules are {current}. Use a checkpoint trained for this model."
+            )
+
+
+def shipped_checkpoints() -> list[str]:
+    """Names of the editors that ship with rledit."""
+    if not SHIPPED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / META_FILE).is_file())
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """The folder of a shipped checkpoint name or of a checkpoint path."""
+    path = Path(name_or_path)
+    if (path / META_FILE).is_file():
+        return path
+    shipped = SHIPPED_DIR / str(name_or_path)
+    if (shipped / META_FILE).is_file():
+        return shipped
+    raise CheckpointError(
+        f"no editor checkpoint {str(name_or_path)!r}: not a folder with {META_FILE} and not a shipped editor "
+        f"(shipped: {shipped_checkpoints() or 'none'})"
+    )
+
+
+def read_checkpoint(name_or_path: str | Path) -> Checkpoint:
+    """Read and check a checkpoint folder (or shipped name)."""
+    folder = resolve_checkpoint(name_or_path)
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
+        state = load_file(str(folder / STATE_FILE))
+        return Checkpoint(
+            path=folder, method=meta["method"], hparams=meta["hparams"], model=meta["model"],
+            layers=list(meta["layers"]), modules=list(meta["modules"]),
+            targets=[list(t) for t in meta["targets"]], state=state, extra=meta.get("extra", {}),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{folder} is not a readable editor checkpoint: {exc}") from exc
+
+
+def write_checkpoint(path: str | Path, method: Any, targets: Sequence[EditTarget], model_name: str,
+                     extra: Mapping[str, Any]) -> Path:
+    """Write ``method``'s state and description as a checkpoint folder, atomically."""
+    hparams = getattr(method, "hparams", None)
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "rledit_version": rledit.__version__,
+        "method": method.name,
+        "hparams": asdict(hparams) if is_dataclass(hparams) else {},
+        "model": model_name,
+        "layers": sorted({t.layer for t in targets}),
+        "modules": list(dict.fromkeys(t.name.rsplit(".", 1)[-1] for t in targets)),
+        "targets": [[t.name, t.d_in, t.d_out] for t in targets],
+        "extra": dict(extra),
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    with atomic_directory(Path(path), META_FILE) as folder:
+        save_file(state, str(folder / STATE_FILE))
+        (folder / META_FILE).write_text(json.dumps(meta, indent=1))
+    return Path(path)

@@ -1,0 +1,278 @@
+"""The Editor: one object that holds a model, an editing method and the delta store of applied steps.
+
+    editor = Editor.from_pretrained("smollm2-135m", method="rledit", checkpoint="smollm2-135m-zsre")
+    step = editor.apply([{"prompt": "The native language of X is", "target_new": "German"}])
+    editor.revert(step)
+    editor.save("edited/")            # later: Editor.load("edited/")
+
+Data flows one way (ARCHITECTURE.md): requests → tokens → features → method → deltas → model. The method
+never touches the weights; the store applies what it returns. Every step is all-or-nothing: a request that
+cannot be tokenised, a method error or a non-finite update raises before anything changes, and the method's
+own state (e.g. a lifelong normaliser) is restored too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import rledit
+from rledit.checkpoints import read_checkpoint, write_checkpoint
+from rledit.deltas import DeltaError, DeltaStore, atomic_directory
+from rledit.hooks import capture_features
+from rledit.methods import EditMethod, get_method
+from rledit.targets import EditTarget, resolve_targets
+from rledit.tokens import context_length, encode
+from rledit.types import EditRequest, EditRequestError, EditStep
+
+EDITOR_FILE = "editor.json"
+METHOD_STATE_FILE = "method_state.safetensors"
+DELTAS_DIR = "deltas"
+
+
+class EditorError(ValueError):
+    """An editor that cannot be built, loaded or saved as asked."""
+
+
+def as_requests(edits: EditRequest | Mapping | Sequence[EditRequest | Mapping]) -> list[EditRequest]:
+    """Normalise one request, one dict, or a list of them into a non-empty list of EditRequests."""
+    if isinstance(edits, (EditRequest, Mapping)):
+        edits = [edits]
+    if isinstance(edits, (str, bytes)) or not isinstance(edits, Sequence):
+        raise EditRequestError(f"edits must be an EditRequest, a dict, or a list of them; got {type(edits).__name__}")
+    requests = []
+    for i, edit in enumerate(edits):
+        try:
+            requests.append(EditRequest.from_dict(edit))
+        except (EditRequestError, TypeError) as exc:
+            raise EditRequestError(f"edit {i}: {exc}") from exc
+    if not requests:
+        raise EditRequestError("no edits given")
+    return requests
+
+
+class Editor:
+    """A model, an editing method and the delta store of the steps applied so far.
+
+    Build one with :meth:`from_pretrained` (a model name or a loaded model) or :meth:`load` (a saved editor).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        method: EditMethod,
+        targets: Sequence[EditTarget],
+        model_name: str = "",
+        checkpoint: str | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.method = method
+        self.targets = list(targets)
+        self.model_name = model_name or getattr(model, "name_or_path", "") or type(model).__name__
+        self.checkpoint = checkpoint
+        self.method.prepare(model, tokenizer, self.targets)
+        self.store = DeltaStore(model, self.targets)
+        self.history: dict[int, EditStep] = {}
+
+    # ----------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_or_name: str | nn.Module,
+        method: str = "rledit",
+        hparams: Any = None,
+        checkpoint: str | Path | None = None,
+        tokenizer: Any = None,
+        layers: Sequence[int | str] | None = None,
+        modules: Sequence[str] | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+    ) -> Editor:
+        """An editor for a model given by name (hub id, local folder, ``"smollm2-135m"``) or already loaded.
+
+        ``checkpoint`` names a trained editor (a shipped name such as ``"smollm2-135m-zsre"`` or a folder); it
+        fixes the method, its hyper-parameters and the edited modules. Otherwise ``hparams`` (a method
+        hparams dataclass, a dict of its fields, or None for the defaults) configures ``method``, and
+        ``layers``/``modules`` pick the edited modules (None: the architecture's defaults).
+        """
+        saved = read_checkpoint(checkpoint) if checkpoint is not None else None
+        if saved is not None:
+            if method not in ("rledit", saved.method):
+                raise EditorError(f"checkpoint {checkpoint} is a {saved.method!r} editor, not {method!r}")
+            method, hparams = saved.method, saved.hparams
+            layers, modules = saved.layers, saved.modules
+        if isinstance(model_or_name, nn.Module):
+            if tokenizer is None:
+                raise EditorError("a loaded model needs its tokenizer: Editor.from_pretrained(model, tokenizer=...)")
+            model, name = model_or_name, getattr(model_or_name, "name_or_path", "")
+        else:
+            from rledit.models import load_model
+
+            loaded = load_model(str(model_or_name), dtype=dtype, device=device)
+            model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
+        edit_method = build_method(method, hparams)
+        targets = resolve_targets(model, layers, modules)
+        if saved is not None:
+            saved.check_targets(targets)
+        editor = cls(model, tokenizer, edit_method, targets, model_name=name,
+                     checkpoint=str(checkpoint) if checkpoint is not None else None)
+        if saved is not None:
+            edit_method.load_state_dict(saved.state)
+        return editor
+
+    # ------------------------------------------------------------------------------------------ editing
+    def apply(self, edits: EditRequest | Mapping | Sequence[EditRequest | Mapping]) -> EditStep:
+        """Apply one batch of edits as one step; returns its :class:`EditStep` handle.
+
+        Nothing changes unless the whole step succeeds (bad requests, over-long prompts, a method error or a
+        non-finite update raise before the store or the method's state is touched).
+        """
+        start = time.perf_counter()
+        requests = as_requests(edits)
+        batch = encode(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
+                       max_length=context_length(self.model))
+        method_state = {k: v.clone() for k, v in self.method.state_dict().items()}
+        try:
+            features = capture_features(self.model, self.targets, batch) if self.method.uses_features else None
+            updates = self.method.compute_step(self.model, self.tokenizer, self.targets, requests, features)
+            step_id = self.store.add(updates)
+        except BaseException:
+            self.method.load_state_dict(method_state)
+            raise
+        step = EditStep(id=step_id, n_edits=len(requests), ranks=self.store.rank(step_id),
+                        seconds=time.perf_counter() - start)
+        self.history[step_id] = step
+        return step
+
+    def revert(self, step: EditStep | int) -> None:
+        """Remove one applied step exactly (the other steps stay applied)."""
+        step_id = step.id if isinstance(step, EditStep) else step
+        self.store.revert(step_id)
+        self.history.pop(step_id, None)
+
+    @property
+    def steps(self) -> list[EditStep]:
+        """The handles of the applied steps, in order."""
+        return [self.history[i] for i in self.store.steps if i in self.history]
+
+    def unedited(self):
+        """Context manager: inside it the model behaves as unedited (the store's deltas are bypassed)."""
+        return self.store.bypassed()
+
+    def evaluate(self, requests: Sequence[EditRequest | Mapping], protocols: Sequence[str] | None = None,
+                 references: Any = None, batch_size: int = 32):
+        """Score the current (edited) model on ``requests`` with ``rledit.eval`` (never mutates anything).
+
+        Locality compares against the unedited model: its references are computed with the deltas bypassed
+        unless given (compute them once with :meth:`references` when evaluating repeatedly).
+        """
+        from rledit.eval import evaluate
+
+        requests = as_requests(requests)
+        if references is None:
+            references = self.references(requests, protocols, batch_size=batch_size)
+        return evaluate(self.model, self.tokenizer, requests, protocols=protocols, references=references,
+                        batch_size=batch_size)
+
+    def references(self, requests: Sequence[EditRequest | Mapping], protocols: Sequence[str] | None = None,
+                   batch_size: int = 32):
+        """The unedited model's outputs on the locality prompts of ``requests``, for :meth:`evaluate`."""
+        from rledit.eval import compute_references
+
+        with self.unedited():
+            return compute_references(self.model, self.tokenizer, as_requests(requests), protocols=protocols,
+                                      batch_size=batch_size)
+
+    # ---------------------------------------------------------------------------------- save and load
+    def save(self, path: str | Path) -> None:
+        """Save the applied steps, the method's state and how to rebuild this editor, atomically."""
+        description = {
+            "format": "rledit-editor",
+            "version": 1,
+            "rledit_version": rledit.__version__,
+            "model": self.model_name,
+            "method": self.method.name,
+            "hparams": method_hparams_dict(self.method),
+            "checkpoint": self.checkpoint,
+            "targets": [[t.name, t.d_in, t.d_out] for t in self.targets],
+            "layers": sorted({t.layer for t in self.targets}),
+            "modules": list(dict.fromkeys(t.name.rsplit(".", 1)[-1] for t in self.targets)),
+            "steps": [vars(s) | {"ranks": dict(s.ranks)} for s in self.steps],
+        }
+        with atomic_directory(Path(path), EDITOR_FILE) as folder:
+            self.store.save(folder / DELTAS_DIR)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.method.state_dict().items()},
+                      str(folder / METHOD_STATE_FILE))
+            (folder / EDITOR_FILE).write_text(json.dumps(description, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None, tokenizer: Any = None,
+             dtype: str = "float32", device: str | None = None) -> Editor:
+        """Rebuild a saved editor (loading its model by name unless ``model``/``tokenizer`` are given)."""
+        folder = Path(path)
+        try:
+            description = json.loads((folder / EDITOR_FILE).read_text())
+            if description.get("format") != "rledit-editor":
+                raise ValueError("not an rledit editor description")
+            state = load_file(str(folder / METHOD_STATE_FILE))
+        except (OSError, ValueError, json.JSONDecodeError) as exc:
+            raise EditorError(f"{folder} is not a readable saved editor: {exc}") from exc
+        editor = cls.from_pretrained(
+            model if model is not None else description["model"], method=description["method"],
+            hparams=description["hparams"], tokenizer=tokenizer, layers=description["layers"],
+            modules=description["modules"], dtype=dtype, device=device,
+        )
+        saved_targets = [list(t) for t in description["targets"]]
+        current = [[t.name, t.d_in, t.d_out] for t in editor.targets]
+        if saved_targets != current:
+            editor.store.detach()
+            raise EditorError(f"{folder} was saved for modules {saved_targets}, this model has {current}")
+        try:
+            editor.method.load_state_dict(state)
+            editor.store.load_into(folder / DELTAS_DIR)
+        except (DeltaError, ValueError, KeyError, RuntimeError) as exc:
+            editor.store.detach()
+            raise EditorError(f"{folder} cannot be loaded into this model: {exc}") from exc
+        editor.checkpoint = description.get("checkpoint")
+        for s in description["steps"]:
+            editor.history[s["id"]] = EditStep(id=s["id"], n_edits=s["n_edits"], ranks=s["ranks"],
+                                               seconds=s["seconds"])
+        return editor
+
+    def save_checkpoint(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
+        """Save the method's trained state (not the applied steps) as a reusable editor checkpoint."""
+        write_checkpoint(path, self.method, self.targets, self.model_name, extra or {})
+
+
+def build_method(name: str, hparams: Any = None) -> EditMethod:
+    """Instantiate the registered method ``name`` with ``hparams`` (dataclass, dict of fields, or None)."""
+    method_class = get_method(name)
+    schema = method_class.hparams_class
+    if hparams is None or schema is None:
+        return method_class() if schema is None else method_class(schema())
+    if isinstance(hparams, Mapping):
+        fields = {k: v for k, v in hparams.items() if k != "name"}
+        try:
+            hparams = schema(name=name, **fields) if "name" in schema.__dataclass_fields__ else schema(**fields)
+        except TypeError as exc:
+            raise EditorError(f"hparams for method {name!r}: {exc}") from exc
+    elif not isinstance(hparams, schema):
+        raise EditorError(f"method {name!r} takes {schema.__name__} hparams, got {type(hparams).__name__}")
+    return method_class(hparams)
+
+
+def method_hparams_dict(method: EditMethod) -> dict[str, Any]:
+    """The method's hyper-parameters as a JSON-ready dict (empty when it has none)."""
+    from dataclasses import asdict, is_dataclass
+
+    hparams = getattr(method, "hparams", None)
+    return asdict(hparams) if is_dataclass(hparams) else {}
+

@@ -1,0 +1,125 @@
+"""Features of one edit step: keys and value-gradients at the edited modules (ALGORITHM.md §2).
+
+One forward and one backward of the current model (with whatever deltas are applied to it) on the step's
+prompt+target rows, loss = mean cross-entropy over all answer tokens of the batch. At every edited module and
+every answer position i we record
+
+* k_i: the module's input (d_in), and
+* g_i: dLoss/d(module output) at that position (d_out), the *total* derivative through the rest of the
+  network.
+
+How the gradients are obtained without touching the LM's weights: every parameter's ``requires_grad`` is
+turned off for the duration, so autograd builds no graph into any weight and never creates a ``.grad`` buffer.
+The first edited module to run has its output replaced by a detached copy that requires grad (a leaf: nothing
+before it needs a gradient); every later edited module's output then depends on that leaf and is part of the
+graph as it is. ``torch.autograd.grad(loss, outputs)`` over the kept output tensors gives each module's total
+derivative, including the paths through later edited modules. Flags, hooks and train/eval modes are restored
+in a ``finally`` block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rledit.targets import EditTarget
+from rledit.tokens import TokenBatch, forward_logits
+
+
+class FeatureError(ValueError):
+    """A batch or a set of targets from which features cannot be captured."""
+
+
+@dataclass
+class StepFeatures:
+    """Keys and value-gradients of one edit step, per edited module, over the step's N answer tokens.
+
+    Rows are answer positions in row-major (batch row, position) order, identical for every module, so
+    ``keys[m][i]`` and ``grads[m][i]`` belong to the same token. Tensors are fp32 and detached.
+    """
+
+    keys: dict[str, torch.Tensor]  # module name -> (N, d_in)
+    grads: dict[str, torch.Tensor]  # module name -> (N, d_out)
+    loss: float  # the mean answer-token cross-entropy of the batch on the current model
+    n_tokens: int  # N
+
+
+def answer_token_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Mean cross-entropy (fp32) of the answer tokens of ``batch`` given prediction-aligned ``logits``."""
+    mask = batch.answer_mask.to(logits.device)
+    labels = batch.labels.to(logits.device)
+    return F.cross_entropy(logits[mask].float(), labels[mask])
+
+
+def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: TokenBatch) -> StepFeatures:
+    """One forward+backward of ``model`` on ``batch``; keys and value-gradients at ``targets``' answer tokens.
+
+    Runs in eval semantics (every submodule is put in eval mode, so no dropout) and restores each submodule's
+    own train/eval flag afterwards. The weights never get ``.grad`` buffers and their ``requires_grad`` flags
+    are left exactly as they were.
+    """
+    if not targets:
+        raise FeatureError("no edit targets given; resolve them with rledit.targets.resolve_targets")
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise FeatureError(f"duplicate target names in {names}")
+    if batch.n_answer_tokens == 0:
+        raise FeatureError("the batch has no answer tokens; encode it with targets (rledit.tokens.encode)")
+
+    device = next(model.parameters()).device
+    mask = batch.answer_mask.to(device)
+    keys: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def make_hook(target: EditTarget):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+            if target.name in keys:
+                raise FeatureError(f"{target.name} ran twice in one forward; shared modules cannot be edited")
+            inputs = args[0]
+            if inputs.shape[:2] != mask.shape:
+                raise FeatureError(
+                    f"{target.name}: input of shape {tuple(inputs.shape)} does not line up with the batch's "
+                    f"(rows, positions) = {tuple(mask.shape)}"
+                )
+            keys[target.name] = inputs.detach()[mask].float()
+            if not output.requires_grad:
+                output = output.detach().requires_grad_()
+            outputs[target.name] = output
+            return output
+
+        return hook
+
+    param_flags = [(p, p.requires_grad) for p in model.parameters()]
+    module_modes = [(m, m.training) for m in model.modules()]
+    handles = []
+    try:
+        for p, _ in param_flags:
+            p.requires_grad_(False)
+        model.eval()
+        for target in targets:
+            handles.append(target.module.register_forward_hook(make_hook(target)))
+        with torch.enable_grad():
+            loss = answer_token_loss(forward_logits(model, batch), batch)
+            missing = [n for n in names if n not in outputs]
+            if missing:
+                raise FeatureError(f"targets {missing} did not run in the forward; are they in the model?")
+            grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in module_modes:
+            m.training = training
+        for p, flag in param_flags:
+            p.requires_grad_(flag)
+
+    grad_rows = {}
+    for name, target, grad in zip(names, targets, grads):
+        if grad is None:  # the module's output does not reach the loss (e.g. a layer after the last position)
+            grad_rows[name] = keys[name].new_zeros(len(keys[name]), target.d_out)
+        else:
+            grad_rows[name] = grad.detach()[mask].float()
+    return StepFeatures(keys=keys, grads=grad_rows, loss=float(loss.detach()), n_tokens=int(mask.sum()))

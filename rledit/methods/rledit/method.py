@@ -1,0 +1,171 @@
+"""The RLEdit update of one edit step (ALGORITHM.md §3–§4), readable top to bottom:
+
+1. per module, the hypernetwork edits the step's features: (k~_i, g~_i) = net(k_i, g_i);
+2. value shifts: d_i = -lr[m] · <k_i, k~_i> · g~_i, stacked as D (N × d_out);
+3. the ridge solve in factored form: ΔW = Kᵀ Y with Y = (K Kᵀ + e^λ I_N)⁻¹ D, an N×N system (never
+   d_in×d_in), which equals the normal-equation solution (KᵀK + e^λ I)⁻¹ Kᵀ D by the push-through identity;
+4. the factors U = Kᵀ (d_in×N) and V = Y (N×d_out) in fp32.
+
+Everything is differentiable: with gradients enabled, V carries the graph into D, λ and the network, which is
+what the RL trainer backpropagates through. K is the step's (detached) keys. The Gram matrix and the solve
+run in fp64 (an N×N system of a few hundred rows costs nothing), because K Kᵀ of hundreds of tokens with
+a small e^λ is badly conditioned for fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from rledit.methods.base import EditMethod, StepFeaturesLike, UpdateError, check_updates, register_method
+from rledit.methods.rledit.config import MALMENHparams, RLEditHparams
+from rledit.methods.rledit.net import HyperNetwork
+from rledit.targets import EditTarget
+
+
+def value_shifts(keys: torch.Tensor, edited_keys: torch.Tensor, edited_grads: torch.Tensor,
+                 lr: torch.Tensor) -> torch.Tensor:
+    """D (N, d_out) with rows d_i = -lr · <k_i, k~_i> · g~_i."""
+    return -lr * (keys * edited_keys).sum(-1, keepdim=True) * edited_grads
+
+
+def ridge_factors(keys: torch.Tensor, shifts: torch.Tensor,
+                  ridge_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (U, V) of ΔW = argmin ||K ΔW - D||² + e^λ ||ΔW||², i.e. U = Kᵀ, V = (K Kᵀ + e^λ I_N)⁻¹ D.
+
+    ``keys`` K (N, d_in), ``shifts`` D (N, d_out), ``ridge_log`` λ (scalar tensor). Returns fp32 tensors.
+    """
+    keys64 = keys.to(torch.float64)
+    n = keys.shape[0]
+    system = keys64 @ keys64.T + ridge_log.to(torch.float64).exp() * torch.eye(n, dtype=torch.float64,
+                                                                               device=keys.device)
+    try:
+        solution = torch.linalg.solve(system, shifts.to(torch.float64))
+    except torch.linalg.LinAlgError as error:
+        raise UpdateError(f"the ridge system K Kᵀ + e^λ I is singular (λ = {float(ridge_log):.3g}): {error}")
+    return keys.T.to(torch.float32), solution.to(torch.float32)
+
+
+def factored_frobenius_sq(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """||U V||²_F without forming U V: sum((UᵀU) ⊙ (V Vᵀ)), O(r²(d_in + d_out)). Differentiable."""
+    return ((u.T @ u) * (v @ v.T)).sum()
+
+
+@register_method("rledit")
+class RLEditMethod(EditMethod):
+    """RLEdit: an RL-trained hypernetwork turns each step's features into a factored ridge update.
+
+    Untrained (``hypernet`` fresh), it is the gradient-like editor d_i = -lr·||k_i||²·g_i. The normaliser
+    mode (``hparams.normalizer``) decides whether edit steps update the feature statistics; the trainer
+    passes ``update_stats=True`` explicitly.
+    """
+
+    name = "rledit"
+    hparams_class = RLEditHparams
+
+    def __init__(self, hparams: RLEditHparams | None = None):
+        self.hparams = hparams if hparams is not None else self.hparams_class()
+        self.hypernet: HyperNetwork | None = None
+
+    def prepare(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget]) -> None:
+        """Build the hypernetwork for ``targets`` (or check that the loaded one fits them) on the model's
+        device."""
+        self.build({t.name: t.shape for t in targets})
+        self.hypernet.to(next(model.parameters()).device)
+
+    def build(self, module_shapes: dict[str, tuple[int, int]]) -> HyperNetwork:
+        """Create the hypernetwork for ``module_shapes`` (name → (d_in, d_out)) if there is none; if there is
+        one, require that it was built for exactly these modules."""
+        shapes = {name: tuple(s) for name, s in module_shapes.items()}
+        if self.hypernet is None:
+            hp = self.hparams
+            self.hypernet = HyperNetwork(shapes, hp.rank, hp.n_blocks, hp.lr_init, hp.lambda_init, hp.train.seed)
+        elif self.hypernet.module_shapes != shapes:
+            raise UpdateError(
+                f"this editor was built for modules {self.hypernet.module_shapes}, not {shapes}; "
+                "use an editor trained for the same model and edited modules"
+            )
+        return self.hypernet
+
+    def compute_updates(self, features: StepFeaturesLike, targets: Sequence[EditTarget] = (),
+                        update_stats: bool | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Factors (U, V) per module for one step. ``update_stats=None`` follows the normaliser mode
+        ("lifelong": update with this step's features, then normalise; "frozen": never update).
+
+        Raises :class:`UpdateError` on non-finite features or a non-finite update; the normaliser is then
+        left exactly as it was before the call.
+        """
+        net = self.hypernet
+        if net is None:
+            raise UpdateError(f"{self.name}: call prepare(model, tokenizer, targets) or build(...) first")
+        if update_stats is None:
+            update_stats = self.hparams.normalizer == "lifelong"
+        _check_features(features, net.module_shapes)
+        saved = {k: v.clone() for k, v in net.normalizers.state_dict().items()}
+        try:
+            device = net.log_lr.device
+            updates = {}
+            for name, raw_keys in features.keys.items():
+                keys = raw_keys.to(device=device, dtype=torch.float32)
+                grads = features.grads[name].to(device=device, dtype=torch.float32)
+                edited_keys, edited_grads = net(name, keys, grads, update_stats=update_stats)
+                shifts = value_shifts(keys, edited_keys, edited_grads, net.lr(name))
+                updates[name] = ridge_factors(keys, shifts, net.ridge(name))
+            check_updates(updates, net.module_shapes)
+        except UpdateError:
+            net.normalizers.load_state_dict(saved)
+            raise
+        return updates
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The hypernetwork's tensors (weights, per-module scalars, normaliser statistics), detached."""
+        if self.hypernet is None:
+            return {}
+        return {k: v.detach() for k, v in self.hypernet.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a state saved by :meth:`state_dict` into the hypernetwork built by :meth:`prepare`."""
+        if self.hypernet is None:
+            raise UpdateError(f"{self.name}: call prepare(model, tokenizer, targets) before loading a state")
+        own = self.hypernet.state_dict()
+        wrong = sorted(k for k in own.keys() | state.keys()
+                       if k not in own or k not in state or own[k].shape != state[k].shape)
+        if wrong:
+            raise UpdateError(
+                f"the saved editor state does not fit this editor's layout {self.hypernet.layout()}: "
+                f"missing, extra or differently shaped tensors {wrong[:8]}; was it trained for another model, "
+                "other edited modules, or another rank / n_blocks?"
+            )
+        self.hypernet.load_state_dict(state)
+
+
+@register_method("malmen")
+class MALMENMethod(RLEditMethod):
+    """MALMEN: the same editor and update as RLEdit; only its training defaults differ (one-step episodes)."""
+
+    name = "malmen"
+    hparams_class = MALMENHparams
+
+
+def _check_features(features: StepFeaturesLike, module_shapes: dict[str, tuple[int, int]]) -> None:
+    """Names, shapes, matching N and finiteness of one step's features, with errors that say what is wrong."""
+    if set(features.keys) != set(features.grads):
+        raise UpdateError(f"keys for {sorted(features.keys)} but value-gradients for {sorted(features.grads)}")
+    if not features.keys:
+        raise UpdateError("the step's features name no module")
+    for name, keys in features.keys.items():
+        if name not in module_shapes:
+            raise UpdateError(f"features for {name!r}, which this editor does not edit: {list(module_shapes)}")
+        grads, (d_in, d_out) = features.grads[name], module_shapes[name]
+        if keys.dim() != 2 or grads.dim() != 2 or keys.shape[0] != grads.shape[0] or keys.shape[0] == 0:
+            raise UpdateError(f"{name}: keys {tuple(keys.shape)} and grads {tuple(grads.shape)} must be (N, ·), N > 0")
+        if keys.shape[1] != d_in or grads.shape[1] != d_out:
+            raise UpdateError(f"{name}: features of widths ({keys.shape[1]}, {grads.shape[1]}), expected {(d_in, d_out)}")
+        if not (torch.isfinite(keys).all() and torch.isfinite(grads).all()):
+            raise UpdateError(
+                f"{name}: the step's keys or value-gradients are not finite (inf/nan), so no update was computed "
+                "and nothing changed; the model's activations overflow on this batch (try fp32 or a smaller batch)"
+            )
