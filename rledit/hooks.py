@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rledit.targets import EditTarget
-from rledit.tokens import TokenBatch, forward_logits
+from rledit.tokens import TokenBatch, answer_logits
 
 
 class FeatureError(ValueError):
@@ -49,10 +49,10 @@ class StepFeatures:
 
 
 def answer_token_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """Mean cross-entropy (fp32) of the answer tokens of ``batch`` given prediction-aligned ``logits``."""
-    mask = batch.answer_mask.to(logits.device)
-    labels = batch.labels.to(logits.device)
-    return F.cross_entropy(logits[mask].float(), labels[mask])
+    """Mean cross-entropy (fp32) of the answer tokens given their logits (n_answer_tokens, V), as returned
+    by :func:`rledit.tokens.answer_logits`."""
+    labels = batch.labels[batch.answer_mask].to(logits.device)
+    return F.cross_entropy(logits.float(), labels)
 
 
 def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: TokenBatch) -> StepFeatures:
@@ -103,7 +103,7 @@ def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: Tok
         for target in targets:
             handles.append(target.module.register_forward_hook(make_hook(target)))
         with torch.enable_grad():
-            loss = answer_token_loss(forward_logits(model, batch), batch)
+            loss = answer_token_loss(answer_logits(model, batch), batch)
             missing = [n for n in names if n not in outputs]
             if missing:
                 raise FeatureError(f"targets {missing} did not run in the forward; are they in the model?")

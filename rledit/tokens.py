@@ -84,11 +84,14 @@ def encode(
     prompts: Sequence[str],
     targets: Sequence[str] | None = None,
     max_length: int | None = None,
+    padding_side: str | None = None,
 ) -> TokenBatch:
     """Tokenise prompts (and targets, teacher-forced) into a padded :class:`TokenBatch`.
 
     ``max_length`` (e.g. the model's context size) turns an over-long row into a :class:`TokenizationError`
-    naming the row; nothing is ever truncated silently.
+    naming the row; nothing is ever truncated silently. ``padding_side`` overrides the tokenizer's; results
+    do not depend on it (positions count real tokens only), but ``"left"`` puts every row's answer at the
+    end, which lets :func:`answer_logits` compute the vocabulary projection on the last few positions only.
     """
     if isinstance(prompts, str):
         raise TokenizationError("prompts must be a sequence of strings, not one string")
@@ -120,15 +123,18 @@ def encode(
                 raise TokenizationError(
                     f"row {i} is {len(ids)} tokens long, longer than the model's context of {max_length}"
                 )
-    return _pad(tokenizer, rows, label_rows, all_targets)
+    side = padding_side or getattr(tokenizer, "padding_side", "right")
+    if side not in ("left", "right"):
+        raise TokenizationError(f"padding_side must be 'left' or 'right', got {side!r}")
+    return _pad(tokenizer, rows, label_rows, all_targets, left=side == "left")
 
 
-def _pad(tokenizer, rows: list[list[int]], label_rows: list[list[int]], targets: list[list[int]]) -> TokenBatch:
+def _pad(tokenizer, rows: list[list[int]], label_rows: list[list[int]], targets: list[list[int]],
+         left: bool) -> TokenBatch:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise TokenizationError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
     width = max(len(r) for r in rows)
-    left = getattr(tokenizer, "padding_side", "right") == "left"
     ids, mask, labels = [], [], []
     for row, lab in zip(rows, label_rows):
         n_pad = width - len(row)
@@ -161,6 +167,29 @@ def forward_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
         use_cache=False,
     )
     return out.logits
+
+
+def answer_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """Logits (n_answer_tokens, V) at the answer positions of ``batch``, in row-major order.
+
+    Only the positions from the first answer position on go through the output layer (``logits_to_keep``),
+    which saves most of the vocabulary projection, the largest matmul of a small LM on short rows; with a
+    left-padded batch that is just the last max(target length) positions.
+    """
+    mask = batch.answer_mask
+    if not mask.any():
+        raise TokenizationError("the batch has no answer tokens; encode it with targets")
+    first = int(mask.any(0).nonzero()[0])
+    keep = mask.shape[1] - first
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device),
+        use_cache=False,
+        logits_to_keep=keep,
+    )
+    return out.logits[:, -keep:][mask[:, first:].to(device)]
 
 
 def context_length(model: nn.Module) -> int | None:
