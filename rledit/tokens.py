@@ -17,8 +17,8 @@ The conventions every part of rledit relies on:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ class TokenBatch:
         """N: the number of answer tokens in the batch."""
         return int(self.answer_mask.sum())
 
-    def to(self, device: torch.device | str) -> "TokenBatch":
+    def to(self, device: torch.device | str) -> TokenBatch:
         """The same batch on ``device``."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():

@@ -7,8 +7,9 @@ component downstream can rely on non-empty prompts and targets.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 class EditRequestError(ValueError):
@@ -79,7 +80,7 @@ class EditRequest:
                     raise EditRequestError(f"{name} items must be PromptAnswer, got {type(item).__name__}")
 
     @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> "EditRequest":
+    def from_dict(cls, record: Mapping[str, Any]) -> EditRequest:
         """Build a request from a plain dict with this class's field names.
 
         ``locality``/``portability`` items may be dicts ``{"prompt", "answer", "kind"?}``;

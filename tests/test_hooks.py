@@ -9,7 +9,7 @@ from tiny import tiny_model
 from rledit.deltas import DeltaStore
 from rledit.hooks import FeatureError, answer_token_loss, capture_features
 from rledit.targets import resolve_targets
-from rledit.tokens import answer_logits, encode, forward_logits
+from rledit.tokens import answer_logits, encode
 
 PROMPTS = ["The capital of France is", "The mother tongue of Danielle Darrieux is", "Who wrote Hamlet?"]
 ANSWERS = ["Paris", "French language", "William Shakespeare"]

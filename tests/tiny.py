@@ -75,7 +75,7 @@ def tiny_tokenizer(bos: bool = False, padding_side: str = "right") -> PreTrained
 
 def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 4) -> torch.nn.Module:
     """A randomly initialised causal LM of the given family, small enough to run in milliseconds."""
-    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=2)
+    common = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 2}
     if kind == "llama":
         config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, **common)

@@ -1,0 +1,174 @@
+"""The ``rledit`` command line: ``train | eval | demo | bench | worlds``.
+
+Each subcommand is a thin layer over the library: it parses arguments, calls the same functions a user would
+call from Python, and writes results files that say how they were produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rledit`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        if getattr(args, "traceback", False):
+            raise
+        print(f"rledit {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="rledit", description="Lifelong editing of language models.")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command")
+
+    train = sub.add_parser("train", help="train an RLEdit-family editor over edit sequences")
+    train.add_argument("--hparams", required=True, help="experiment YAML (e.g. hparams/experiments/train-*.yaml)")
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides")
+    train.add_argument("--out", default=None, help="output folder (default: runs/<hparams file name>)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    train.add_argument("--limit", type=int, default=None, help="use only the first N training records")
+    train.set_defaults(handler=_train)
+
+    evaluate = sub.add_parser("eval", help="score the unedited model under every applicable protocol")
+    _add_model_and_data(evaluate)
+    evaluate.add_argument("--protocols", nargs="*", default=None, help="protocol ids (default: all applicable)")
+    evaluate.add_argument("--out", required=True, help="summary JSON path (per-example records go beside it)")
+    evaluate.set_defaults(handler=_eval)
+
+    demo = sub.add_parser("demo", help="edit SmolLM2-135M with a handful of real zsRE facts; before/after table")
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("--checkpoint", default="smollm2-135m-zsre", help="trained editor (name or folder)")
+    demo.add_argument("--edits", type=int, default=8, help="number of zsRE eval edits (one step)")
+    demo.set_defaults(handler=_demo)
+
+    try:
+        from rledit.worlds.cli import add_worlds_parser
+    except ImportError:  # the worlds extra is optional at import time
+        add_worlds_parser = None
+    if add_worlds_parser is not None:
+        add_worlds_parser(sub)
+    return parser
+
+
+def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder or alias")
+    parser.add_argument("--data", default="zsre", help="zsre | zsre-knowedit | counterfact | PATH")
+    parser.add_argument("--split", default="eval", help="train | eval")
+    parser.add_argument("--limit", type=int, default=None, help="first N records")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rledit.data import load_requests
+    from rledit.editor import Editor
+    from rledit.hparams import load_hparams, save_hparams
+    from rledit.methods.rledit.trainer import RLEditTrainer
+
+    hparams = load_hparams(args.hparams, args.set)
+    out = Path(args.out or Path("runs") / Path(args.hparams).stem)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise ValueError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    save_hparams(hparams, out / "hparams.yaml")
+    method = hparams.method
+    editor = Editor.from_pretrained(hparams.model.name, method=method.name, hparams=method,
+                                    layers=hparams.model.layers, modules=hparams.model.modules,
+                                    dtype=hparams.model.dtype, device=hparams.model.device)
+    requests = load_requests(method.train.train_data, "train", limit=args.limit)
+    trainer = RLEditTrainer(editor, requests, out, hparams_source=str(args.hparams))
+    final = trainer.train(resume=args.resume)
+    from rledit.methods.rledit.plots import plot_training_log
+
+    plot_training_log(out / "train_log.jsonl", out / "training_curve.png")
+    print(f"trained editor: {final}\ntraining log: {out / 'train_log.jsonl'}\ncurve: {out / 'training_curve.png'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rledit.data import dataset_file, load_requests
+    from rledit.eval import evaluate, write_results
+    from rledit.models import load_model
+
+    requests = load_requests(args.data, args.split, limit=args.limit)
+    loaded = load_model(args.model, dtype=args.dtype)
+    result = evaluate(loaded.model, loaded.tokenizer, requests, protocols=args.protocols,
+                      batch_size=args.batch_size)
+    meta = {"model": loaded.name, "model_revision": loaded.revision, "seed": None,
+            "data": {"source": args.data, "split": args.split, "limit": args.limit,
+                     "file": str(dataset_file(args.data, args.split))}}
+    summary, records = write_results(args.out, result, meta)
+    print(format_metrics(result.metrics, f"unedited {loaded.name} on {len(requests)} {args.data} records"))
+    print(f"summary: {summary}\nper-example records: {records}")
+    return 0
+
+
+def format_metrics(metrics: dict[str, dict[str, float]], title: str) -> str:
+    """A plain-text table of ``metrics`` (protocol id → metric → percent)."""
+    lines = [title]
+    for protocol, values in metrics.items():
+        shown = "  ".join(f"{name} {value:5.1f}" for name, value in values.items() if "magnitude" not in name)
+        lines.append(f"  {protocol:<18} {shown}")
+    return "\n".join(lines)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rledit.checkpoints import shipped_checkpoints
+    from rledit.data import load_requests
+    from rledit.editor import Editor
+
+    checkpoint = args.checkpoint
+    if checkpoint in ("", "none") or (checkpoint not in shipped_checkpoints() and not Path(checkpoint).is_dir()):
+        print(f"note: no trained editor {checkpoint!r} found; using the untrained RLEdit editor")
+        checkpoint = None
+    print(f"loading {args.model} ...")
+    editor = Editor.from_pretrained(args.model, method="rledit", checkpoint=checkpoint)
+    requests = load_requests("zsre", "eval", limit=args.edits)
+    protocol = ["zsre-token-acc@1"]
+    references = editor.references(requests, protocol)
+    before = editor.evaluate(requests, protocol, references=references)
+    step = editor.apply(requests)
+    after = editor.evaluate(requests, protocol, references=references)
+    print(f"\napplied {step.n_edits} zsRE edits in one step ({step.seconds:.2f} s) with "
+          f"{'editor ' + str(checkpoint) if checkpoint else 'the untrained editor'}\n")
+    print(demo_table(requests, before, after))
+    return 0
+
+
+def demo_table(requests, before, after) -> str:
+    """Per edit: the new target and the model's teacher-forced prediction before and after; then the means."""
+    protocol = before.protocols[0]
+    predicted = {moment: {r.index: r.outputs.get("predicted", "") for r in result.records if r.protocol == protocol}
+                 for moment, result in (("before", before), ("after", after))}
+    rows = [f"{'prompt':<52} {'new target':<18} {'before':<18} {'after':<18}"]
+    for i, request in enumerate(requests):
+        rows.append(f"{_cut(request.prompt, 52):<52} {_cut(request.target_new, 18):<18} "
+                    f"{_cut(predicted['before'][i], 18):<18} {_cut(predicted['after'][i], 18):<18}")
+    rows.append("")
+    rows.append(f"{'metric (' + protocol + ', %)':<40} {'before':>8} {'after':>8}")
+    for metric in ("efficacy", "generalization", "locality", "specificity"):
+        if metric in before.metrics[protocol]:
+            rows.append(f"{metric:<40} {before.metrics[protocol][metric]:8.1f} {after.metrics[protocol][metric]:8.1f}")
+    return "\n".join(rows)
+
+
+def _cut(text: str, width: int) -> str:
+    text = text.strip().replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

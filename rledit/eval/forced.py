@@ -1,0 +1,88 @@
+"""Teacher-forced predictions on prompt + answer pairs, batched, for the scoring protocols.
+
+Every (prompt, answer) pair is tokenised by :func:`rledit.tokens.encode` (the one place that knows about the
+leading space, BOS and padding side). For each pair this returns, at the positions that predict the answer's
+tokens, the model's argmax token and the log-probability of the answer token. Identical pairs are computed
+once. Nothing here changes the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rledit.tokens import context_length, encode, forward_logits
+
+Pair = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class AnswerPrediction:
+    """What the model predicts, teacher-forced, at each token of one answer."""
+
+    target_ids: tuple[int, ...]  # the answer's token ids (of " " + answer)
+    argmax_ids: tuple[int, ...]  # the model's most likely token at each answer position
+    log_probs: tuple[float, ...]  # log P(answer token) at each answer position
+
+    @property
+    def accuracy(self) -> float:
+        """The fraction of answer tokens the argmax gets right."""
+        return sum(a == t for a, t in zip(self.argmax_ids, self.target_ids)) / len(self.target_ids)
+
+    def agreement(self, reference_ids: Sequence[int]) -> float:
+        """The fraction of answer positions where the argmax equals ``reference_ids`` (another model's)."""
+        if len(reference_ids) != len(self.argmax_ids):
+            raise ValueError(f"reference has {len(reference_ids)} tokens, the answer {len(self.argmax_ids)}")
+        return sum(a == r for a, r in zip(self.argmax_ids, reference_ids)) / len(self.argmax_ids)
+
+    @property
+    def mean_log_prob(self) -> float:
+        """The mean log-probability per answer token (the log of the per-token geometric mean probability)."""
+        return sum(self.log_probs) / len(self.log_probs)
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode without gradients, restoring its train/eval flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    """Consecutive slices of ``items`` of at most ``size`` elements."""
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def predict_answers(model: nn.Module, tokenizer, pairs: Iterable[Pair], batch_size: int = 32) -> dict[Pair, AnswerPrediction]:
+    """Teacher-forced predictions for every distinct (prompt, answer) pair, keyed by the pair."""
+    unique = sorted(set(pairs), key=lambda pair: (len(pair[0]) + len(pair[1]), pair))  # less padding per batch
+    limit = context_length(model)
+    predictions: dict[Pair, AnswerPrediction] = {}
+    with evaluation_mode(model):
+        for batch_pairs in chunks(unique, batch_size):
+            batch = encode(tokenizer, [p for p, _ in batch_pairs], [a for _, a in batch_pairs], max_length=limit)
+            logits = forward_logits(model, batch)
+            mask = batch.answer_mask.to(logits.device)
+            labels = batch.labels.to(logits.device)
+            for row, pair in enumerate(batch_pairs):
+                row_logits = logits[row][mask[row]].float()  # (n_answer_tokens, V)
+                row_labels = labels[row][mask[row]]
+                log_probs = torch.log_softmax(row_logits, dim=-1).gather(1, row_labels[:, None])[:, 0]
+                predictions[pair] = AnswerPrediction(
+                    target_ids=tuple(batch.target_ids[row]),
+                    argmax_ids=tuple(row_logits.argmax(dim=-1).tolist()),
+                    log_probs=tuple(log_probs.tolist()),
+                )
+    return predictions

@@ -1,0 +1,156 @@
+"""Scoring a model once (:func:`evaluate`) and scoring a lifelong editing run (:func:`run_lifelong`).
+
+Timings (EVALUATION.md):
+
+* ``end``: apply all steps, then score every edit once (the headline number);
+* ``immediate``: score each step's edits right after that step;
+* ``curve``: every ``eval_every`` steps (and after the last) score all edits applied so far.
+
+In every timing the unedited model's locality references, and its scores on all the edits, are computed once
+before the first edit; locality never compares against an already-edited model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rledit.eval.protocols import Protocol, References, resolve_protocols
+from rledit.eval.results import CurvePoint, EvalResult, ExampleRecord, LifelongResult, summarize, utc_now
+from rledit.types import EditRequest
+
+TIMINGS = ("end", "immediate", "curve")
+
+
+def compute_references(model: nn.Module, tokenizer, requests: Sequence[EditRequest],
+                       protocols: Sequence[str | Protocol] | None = None, batch_size: int = 32) -> References:
+    """The UNEDITED ``model``'s outputs on the locality prompts of ``requests``, for every protocol that needs them.
+
+    Call this before the first edit, on every request you will evaluate later.
+    """
+    requests = _check_requests(requests)
+    references = References()
+    for protocol in resolve_protocols(protocols, requests):
+        if protocol.uses_references:
+            references.by_protocol[protocol.id] = protocol.references(model, tokenizer, requests, batch_size)
+    return references
+
+
+def evaluate(model: nn.Module, tokenizer, requests: Sequence[EditRequest],
+             protocols: Sequence[str | Protocol] | None = None, references: References | None = None,
+             batch_size: int = 32) -> EvalResult:
+    """Score ``model`` on ``requests`` under ``protocols`` (None: every applicable one); never changes the model.
+
+    ``references`` are the unedited model's locality outputs from :func:`compute_references`; when None the
+    model itself is taken to be the unedited one and they are computed here.
+    """
+    requests = _check_requests(requests)
+    resolved = resolve_protocols(protocols, requests)
+    started = utc_now()
+    if references is None:
+        references = compute_references(model, tokenizer, requests, resolved, batch_size)
+    records = _score(model, tokenizer, requests, resolved, references, batch_size, range(len(requests)))
+    ids = [p.id for p in resolved]
+    metrics, counts = summarize(records, ids)
+    return EvalResult(ids, metrics, counts, records, len(requests), started, utc_now())
+
+
+def run_lifelong(
+    model: nn.Module,
+    tokenizer,
+    steps: Sequence[Sequence[EditRequest]],
+    apply_step: Callable[[list[EditRequest]], object],
+    protocols: Sequence[str | Protocol] | None = None,
+    timing: str = "end",
+    eval_every: int = 10,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> LifelongResult:
+    """Apply ``steps`` of edits one after another with ``apply_step`` and score them under ``timing``.
+
+    ``apply_step(requests)`` must apply one step's edits to ``model`` in place (e.g. ``editor.apply``); its
+    wall time is recorded per step. Before the first step the unedited model's references and its scores on
+    every edit (the floor) are computed.
+    """
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
+    steps = [_check_requests(step, f"step {t}") for t, step in enumerate(steps, start=1)]
+    if not steps:
+        raise ValueError("no edit steps given")
+    requests = [r for step in steps for r in step]
+    step_of = [t for t, step in enumerate(steps, start=1) for _ in step]
+    resolved = resolve_protocols(protocols, requests)
+    ids = [p.id for p in resolved]
+    started = utc_now()
+
+    def score(indices: range, after_steps: int) -> list[ExampleRecord]:
+        return _score(model, tokenizer, [requests[i] for i in indices], resolved, references, batch_size,
+                      indices, step_of, after_steps)
+
+    references = compute_references(model, tokenizer, requests, resolved, batch_size)
+    unedited_records = score(range(len(requests)), 0)
+    unedited = EvalResult(ids, *summarize(unedited_records, ids), unedited_records, len(requests), started, utc_now())
+
+    records: list[ExampleRecord] = []
+    curve: list[CurvePoint] = []
+    seconds: list[float] = []
+    applied = 0
+    for t, step in enumerate(tqdm(steps, desc=f"editing ({timing})", unit="step", disable=not progress), start=1):
+        seconds.append(_timed(model, apply_step, list(step)))
+        applied += len(step)
+        if timing == "immediate":
+            records += score(range(applied - len(step), applied), t)
+        elif timing == "curve" and (t % eval_every == 0 or t == len(steps)):
+            point = score(range(applied), t)
+            records += point
+            curve.append(CurvePoint(t, applied, *summarize(point, ids)))
+    if timing == "end":
+        records = score(range(len(requests)), len(steps))
+    metrics, counts = (curve[-1].metrics, curve[-1].counts) if curve else summarize(records, ids)
+    return LifelongResult(
+        timing=timing, protocols=ids, metrics=metrics, counts=counts, unedited=unedited, records=records,
+        step_seconds=seconds, edits_per_step=[len(s) for s in steps], curve=curve,
+        eval_every=eval_every if timing == "curve" else None, started_at=started, finished_at=utc_now(),
+    )
+
+
+def _score(model, tokenizer, requests: list[EditRequest], protocols: list[Protocol], references: References,
+           batch_size: int, indices: Sequence[int], step_of: Sequence[int] | None = None,
+           after_steps: int = 0) -> list[ExampleRecord]:
+    records = []
+    for protocol in protocols:
+        scored = protocol.score(model, tokenizer, requests, references.for_protocol(protocol, requests), batch_size)
+        for request, index, example in zip(requests, indices, scored):
+            records.append(ExampleRecord(
+                protocol=protocol.id, index=index, scores=example.scores, texts=request.to_dict(),
+                outputs=example.outputs, step=step_of[index] if step_of else None, after_steps=after_steps,
+            ))
+    return records
+
+
+def _timed(model: nn.Module, apply_step: Callable[[list[EditRequest]], object], step: list[EditRequest]) -> float:
+    device = next(model.parameters()).device
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    apply_step(step)
+    synchronize()
+    return time.perf_counter() - start
+
+
+def _check_requests(requests: Sequence[EditRequest], what: str = "requests") -> list[EditRequest]:
+    if isinstance(requests, (str, EditRequest)) or not isinstance(requests, Sequence):
+        raise TypeError(f"{what} must be a list of EditRequest, got {type(requests).__name__}")
+    bad = [i for i, r in enumerate(requests) if not isinstance(r, EditRequest)]
+    if bad:
+        raise TypeError(f"{what}: item {bad[0]} is a {type(requests[bad[0]]).__name__}, not an EditRequest "
+                        f"(build them with rledit.data.load_requests or EditRequest.from_dict)")
+    if not requests:
+        raise ValueError(f"{what}: no edit requests given")
+    return list(requests)
