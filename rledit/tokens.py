@@ -37,6 +37,7 @@ class TokenBatch:
     position_ids: torch.Tensor  # (B, L) long, 0-based among real tokens
     labels: torch.Tensor  # (B, L) long, prediction-aligned target ids or -100
     target_ids: list[list[int]]  # per row, the full target token ids
+    inputs_embeds: torch.Tensor | None = None  # (B, L, d) hidden states to start from instead of input_ids
 
     @property
     def answer_mask(self) -> torch.Tensor:
@@ -159,14 +160,19 @@ def _pad(tokenizer, rows: list[list[int]], label_rows: list[list[int]], targets:
 
 def forward_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     """Logits (B, L, V) of ``model`` on ``batch``, with padding-aware positions."""
+    return model(**model_inputs(model, batch), use_cache=False).logits
+
+
+def model_inputs(model: nn.Module, batch: TokenBatch) -> dict[str, torch.Tensor]:
+    """The keyword arguments of ``model``'s forward for ``batch``, on the model's device: ``input_ids``, or
+    ``inputs_embeds`` when the batch carries hidden states to start from (see :mod:`rledit.prefix`)."""
     device = next(model.parameters()).device
-    out = model(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        position_ids=batch.position_ids.to(device),
-        use_cache=False,
-    )
-    return out.logits
+    inputs = {"attention_mask": batch.attention_mask.to(device), "position_ids": batch.position_ids.to(device)}
+    if batch.inputs_embeds is not None:
+        inputs["inputs_embeds"] = batch.inputs_embeds.to(device)
+    else:
+        inputs["input_ids"] = batch.input_ids.to(device)
+    return inputs
 
 
 def answer_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
@@ -181,15 +187,8 @@ def answer_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
         raise TokenizationError("the batch has no answer tokens; encode it with targets")
     first = int(mask.any(0).nonzero()[0])
     keep = mask.shape[1] - first
-    device = next(model.parameters()).device
-    out = model(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        position_ids=batch.position_ids.to(device),
-        use_cache=False,
-        logits_to_keep=keep,
-    )
-    return out.logits[:, -keep:][mask[:, first:].to(device)]
+    out = model(**model_inputs(model, batch), use_cache=False, logits_to_keep=keep)
+    return out.logits[:, -keep:][mask[:, first:].to(out.logits.device)]
 
 
 def context_length(model: nn.Module) -> int | None:

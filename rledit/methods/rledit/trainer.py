@@ -21,6 +21,7 @@ optimiser steps many times, and everything is seeded. MALMEN-style training is t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from rledit.hooks import answer_token_loss, capture_features
 from rledit.methods.rledit.method import RLEditMethod, factored_frobenius_sq
+from rledit.prefix import Prefix
 from rledit.tokens import TokenBatch, answer_logits, encode
 from rledit.types import EditRequest
 
@@ -89,6 +91,8 @@ class RLEditTrainer:
         self.progress = progress
         self.hparams_source = hparams_source
         self.max_length = None
+        # the layers below the lowest edited one never change: their output is computed once per batch
+        self.prefix = Prefix.for_targets(editor.model, editor.targets)
         self.editor.model.eval()
         for p in self.editor.model.parameters():
             p.requires_grad_(False)
@@ -144,14 +148,15 @@ class RLEditTrainer:
         """Act on ``window[0]`` (the newest step), backpropagate L_t, then apply the action for good."""
         hp, store, model = self.hp, self.editor.store, self.editor.model
         current = window[0]
-        features = capture_features(model, self.editor.targets, current.edit)
-        references = self._references(window)
-        updates = self.method.compute_updates(features, self.editor.targets, update_stats=True)
-        with store.pending(updates):
-            gen_loss, loc_loss, edit_acc = self._backtracking_losses(window, references)
-        reg = sum(factored_frobenius_sq(u, v) for u, v in updates.values())
-        loss = gen_loss + hp.loc_coef * loc_loss + hp.reg_coef * reg
-        (loss / hp.update_every).backward()
+        with self._upper_layers_only():
+            features = capture_features(model, self.editor.targets, current.edit)
+            references = self._references(window)
+            updates = self.method.compute_updates(features, self.editor.targets, update_stats=True)
+            with store.pending(updates):
+                gen_loss, loc_loss, edit_acc = self._backtracking_losses(window, references)
+            reg = sum(factored_frobenius_sq(u, v) for u, v in updates.values())
+            loss = gen_loss + hp.loc_coef * loc_loss + hp.reg_coef * reg
+            (loss / hp.update_every).backward()
         store.add({name: (u.detach(), v.detach()) for name, (u, v) in updates.items()})
         return {"loss": loss.item(), "gen": gen_loss.item(), "loc": loc_loss.item(), "reg": reg.item(),
                 "edit_acc": edit_acc, "pre_edit_loss": features.loss}
@@ -180,6 +185,10 @@ class RLEditTrainer:
         model = self.editor.model
         return [answer_log_probs(model, step.loc) for step in window]
 
+    def _upper_layers_only(self):
+        """Run only the layers from the lowest edited one on, from the batches' cached hidden states."""
+        return self.prefix.skipped() if self.prefix is not None else contextlib.nullcontext()
+
     def _optimiser_step(self) -> None:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.hp.grad_clip)
@@ -206,13 +215,16 @@ class RLEditTrainer:
             gen_prompts += [r.prompt for r in requests]
             gen_targets += [r.target_new for r in requests]
         loc = [pa for r in requests for pa in r.locality[:1]]
-        step = WindowStep(  # left padding: answers end every row, so answer_logits projects few positions
-            edit=encode(tok, [r.prompt for r in requests], [r.target_new for r in requests], padding_side="left"),
-            gen=encode(tok, gen_prompts, gen_targets, padding_side="left"),
-            loc=encode(tok, [pa.prompt for pa in loc], [pa.answer for pa in loc], padding_side="left"),
-        )
+        batches = [  # left padding: answers end every row, so answer_logits projects few positions
+            encode(tok, [r.prompt for r in requests], [r.target_new for r in requests], padding_side="left"),
+            encode(tok, gen_prompts, gen_targets, padding_side="left"),
+            encode(tok, [pa.prompt for pa in loc], [pa.answer for pa in loc], padding_side="left"),
+        ]
+        if self.prefix is not None:
+            batches = [self.prefix.attach(batch) for batch in batches]
+        step = WindowStep(*batches)
         if self.hp.loc_reference == "unedited":
-            with torch.no_grad(), self.editor.store.bypassed():
+            with torch.no_grad(), self.editor.store.bypassed(), self._upper_layers_only():
                 step.loc_ref = answer_log_probs(self.editor.model, step.loc)
         return step
 
