@@ -1,6 +1,13 @@
 """Editing methods, each registered by name (``get_method("rledit")``)."""
 
-import rledit.methods.rledit  # noqa: F401  (registers "rledit" and "malmen")
+from rledit.methods import (  # noqa: F401  (importing a method package registers its methods)
+    alphaedit,
+    ft,
+    memit,
+    mend,
+    rledit,  # "rledit" and "malmen"
+    ultraedit,
+)
 from rledit.methods.base import (
     EditMethod,
     UpdateError,

@@ -1,0 +1,38 @@
+"""Hyper-parameters of AlphaEdit: MEMIT's shared settings plus the null-space projection and its ridge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rledit.methods.memit.config import LocateEditHparams
+
+
+@dataclass
+class AlphaEditHparams(LocateEditHparams):
+    """AlphaEdit: ΔW = (P (KᵀK + K_pᵀK_p) + λ I)⁻¹ P Kᵀ R per edited layer (see :mod:`.method`).
+
+    Attributes:
+        name: the method name these hparams belong to.
+        nullspace_threshold: eigen-directions of the corpus key second moment C = E[k kᵀ] whose eigenvalue is
+            below this span the null space the update is projected onto (the preserved keys barely reach
+            them). An absolute value, so it depends on the scale of the edited module's inputs; ``prepare``
+            reports the null-space dimension of each module (``nullspace_dims``) and refuses an empty one. With
+            the published 2e-2 on SmolLM2-135M (down_proj of layers 18-21, d_in 1536, 2000 SST-2 texts) the
+            null spaces have 913, 738, 474 and 362 dimensions, and 2 steps of 5 zsRE edits reach efficacy 62%
+            with locality 89%.
+        ridge: λ, the L2 weight on ΔW in the solve.
+        cache_edited_keys: keep the keys of every earlier step (K_p) in the solve, so later steps preserve
+            earlier edits (AlphaEdit's running cache); False solves each step on its own keys only.
+    """
+
+    name: str = "alphaedit"
+    nullspace_threshold: float = 2e-2
+    ridge: float = 10.0
+    cache_edited_keys: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.nullspace_threshold <= 0:
+            raise ValueError(f"nullspace_threshold must be > 0, got {self.nullspace_threshold}")
+        if self.ridge <= 0:
+            raise ValueError(f"ridge must be > 0, got {self.ridge}")

@@ -1,0 +1,108 @@
+"""AlphaEdit (ALGORITHM.md §7): MEMIT's step (target values, keys, residuals spread over the edited layers;
+:class:`rledit.methods.memit.LocateThenEditMethod`) with a different solve per edited module:
+
+    ΔW = (P (KᵀK + K_pᵀK_p) + λ I)⁻¹ P Kᵀ R          returned as factors U = (…)⁻¹ P Kᵀ (d_in × B), V = R
+
+* P = Û Ûᵀ projects onto the null space of the preserved keys: Û are the eigenvectors of the corpus key second
+  moment C = E[k kᵀ] whose eigenvalues are below ``nullspace_threshold``. Since U = P(…) lies in the range of
+  P, k ΔW ≈ 0 for the keys the corpus stands for: the update leaves preserved knowledge (nearly) untouched,
+  which is why AlphaEdit needs no covariance weight.
+* K_pᵀK_p is the running cache of the keys edited by earlier steps (summed Gram matrices), so a new step also
+  keeps the outputs of earlier edited keys; it is the method's state (saved with the editor). A reverted step
+  stays in the cache: the method does not see reverts, and keeping the keys only makes later updates more
+  conservative on them.
+* K (B × d_in): this step's keys at the subjects' last tokens; R (B × d_out): the layer's share of the
+  residual to the target values; λ: ``ridge``.
+
+The projections are built once in ``prepare`` from the cached statistics (an eigendecomposition per module)
+and count towards ``setup_seconds``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from rledit.methods.alphaedit.config import AlphaEditHparams
+from rledit.methods.base import Factors, UpdateError, register_method
+from rledit.methods.memit.method import LocateThenEditMethod
+from rledit.targets import EditTarget
+
+CACHE_PREFIX = "edited_keys_gram/"
+
+
+def nullspace_projection(second_moment: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """P = Û Ûᵀ (same dtype and device as ``second_moment``) for the eigenvectors Û of the symmetric
+    ``second_moment`` with eigenvalues below ``threshold``, and the null-space dimension (columns of Û)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(second_moment)
+    basis = eigenvectors[:, eigenvalues < threshold]
+    return basis @ basis.T, basis.shape[1]
+
+
+@register_method("alphaedit")
+class AlphaEditMethod(LocateThenEditMethod):
+    """AlphaEdit: MEMIT's keys and residuals, a null-space projected solve and a cache of edited keys."""
+
+    name = "alphaedit"
+    hparams_class = AlphaEditHparams
+
+    def __init__(self, hparams: AlphaEditHparams | None = None):
+        super().__init__(hparams if hparams is not None else AlphaEditHparams())
+        self.projections: dict[str, torch.Tensor] = {}  # module name -> P (d_in × d_in, fp64)
+        self.nullspace_dims: dict[str, int] = {}
+        self.edited_keys_gram: dict[str, torch.Tensor] = {}  # module name -> K_pᵀK_p (d_in × d_in, fp64)
+
+    def after_statistics(self, targets: Sequence[EditTarget]) -> None:
+        """Build each module's null-space projection and an empty cache of edited keys."""
+        threshold = self.hparams.nullspace_threshold
+        for target in targets:
+            second_moment = self.statistics.second_moments[target.name]
+            projection, dim = nullspace_projection(second_moment, threshold)
+            if dim == 0:
+                smallest = float(torch.linalg.eigvalsh(second_moment)[0])
+                raise UpdateError(
+                    f"{self.name}: no eigenvalue of the key second moment of {target.name} is below "
+                    f"nullspace_threshold={threshold:g} (the smallest is {smallest:.3g}), so there is no null "
+                    "space to project the update onto; raise method.nullspace_threshold"
+                )
+            self.projections[target.name] = projection
+            self.nullspace_dims[target.name] = dim
+            self.edited_keys_gram[target.name] = torch.zeros_like(second_moment)
+
+    def solve(self, name: str, keys: torch.Tensor, residuals: torch.Tensor) -> Factors:
+        """U = (P (KᵀK + K_pᵀK_p) + λ I)⁻¹ P Kᵀ (fp64, d_in × d_in system), V = R."""
+        projection = self.projections[name]
+        keys64 = keys.to(projection.device, torch.float64)
+        gram = keys64.T @ keys64
+        if self.hparams.cache_edited_keys:
+            gram = gram + self.edited_keys_gram[name]
+        identity = torch.eye(projection.shape[0], dtype=torch.float64, device=projection.device)
+        left = torch.linalg.solve(projection @ gram + self.hparams.ridge * identity, projection @ keys64.T)
+        return left.to(torch.float32), residuals.to(left.device, torch.float32)
+
+    def after_step(self, keys: dict[str, torch.Tensor]) -> None:
+        """Add this step's keys to the cache of edited keys."""
+        for name, step_keys in keys.items():
+            keys64 = step_keys.to(self.edited_keys_gram[name].device, torch.float64)
+            self.edited_keys_gram[name] = self.edited_keys_gram[name] + keys64.T @ keys64
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The cache of edited keys (one fp64 Gram matrix per edited module)."""
+        return {CACHE_PREFIX + name: gram.detach() for name, gram in self.edited_keys_gram.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore the cache saved by :meth:`state_dict` (after ``prepare``, for the same modules)."""
+        own = self.state_dict()
+        wrong = sorted(k for k in own.keys() | state.keys()
+                       if k not in own or k not in state or own[k].shape != state[k].shape)
+        if wrong:
+            raise UpdateError(
+                f"the saved {self.name} state does not fit the edited modules {list(self.edited_keys_gram)}: "
+                f"missing, extra or differently shaped tensors {wrong[:8]}; was it saved for another model or "
+                "module set?"
+            )
+        self.edited_keys_gram = {
+            name: state[CACHE_PREFIX + name].to(gram.device, torch.float64).clone()
+            for name, gram in self.edited_keys_gram.items()
+        }

@@ -1,0 +1,171 @@
+"""Keys and target values of locate-then-edit methods (MEMIT, AlphaEdit), for a batch of edit requests.
+
+* The subject's last token of each prompt is the position where keys are read and where the residual stream
+  is shifted (:func:`subject_last_token`).
+* :func:`optimise_target_values`: for each request, a residual shift δ added to the output of the last edited
+  layer's block at that position is optimised (Adam, all requests at once, each with its own δ and loss) so
+  that the model predicts the target: loss = target cross-entropy + kl_factor · KL(p₀ ‖ p) on the essence
+  prompt ("{subject} is a") + v_weight_decay · ||δ||²/||h||², with ||δ|| clamped to clamp_norm_factor · ||h||.
+  The target value is z = h + δ (h: the block output there before the shift).
+* :func:`keys_and_outputs` reads, in one forward pass, an edited module's inputs and that block's outputs at the
+  subject positions (the caller adds earlier layers' pending updates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rledit.methods.memit.config import LocateEditHparams
+from rledit.methods.runtime import frozen_model
+from rledit.tokens import TokenBatch, answer_logits
+from rledit.types import EditRequest, EditRequestError
+
+
+def check_subjects(requests: Sequence[EditRequest], method: str) -> None:
+    """Raise :class:`EditRequestError` unless every request has a subject that occurs in its prompt."""
+    for i, request in enumerate(requests):
+        if request.subject is None:
+            raise EditRequestError(
+                f"{method} needs the subject of every edit (the entity the fact is about, e.g. subject='Danielle "
+                f"Darrieux'); edit {i} ({request.prompt!r}) has none. The bundled zsre and counterfact data "
+                "provide it; use a method that needs no subject (rledit, ultraedit, mend, ft) otherwise"
+            )
+        if request.subject.strip().lower() not in request.prompt.lower():
+            raise EditRequestError(
+                f"{method}: the subject {request.subject!r} of edit {i} does not occur in its prompt "
+                f"{request.prompt!r}; the keys are read at the subject's last token"
+            )
+
+
+def subject_last_token(tokenizer: Any, text: str, subject: str) -> int:
+    """Index of the subject's last token in ``tokenizer(text.rstrip(), add_special_tokens=True)`` (the prompt
+    tokens :func:`rledit.tokens.encode` uses). The first occurrence of the subject counts (exact case first)."""
+    text, subject = text.rstrip(), subject.strip()
+    start = text.find(subject)
+    if start < 0:
+        start = text.lower().find(subject.lower())
+    if start < 0:
+        raise EditRequestError(f"subject {subject!r} does not occur in {text!r}")
+    end = start + len(subject)
+    try:
+        encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    except NotImplementedError:  # slow tokenizers have no offsets: count the tokens of the text up to the end
+        return len(tokenizer(text[:end], add_special_tokens=True)["input_ids"]) - 1
+    spans = encoded["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(spans) if b > a and a < end]
+    if not inside:
+        raise EditRequestError(f"no token of {text!r} covers the subject {subject!r}")
+    return inside[-1]
+
+
+def subject_positions(batch: TokenBatch, token_indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, positions) in the padded ``batch`` of each row's token ``token_indices[row]`` (counted from the
+    row's first real token, whatever the padding side)."""
+    first_real = batch.attention_mask.argmax(dim=1)
+    rows = torch.arange(len(token_indices))
+    return rows, first_real + torch.tensor(list(token_indices), dtype=torch.long)
+
+
+@contextmanager
+def shifted_block(block: nn.Module, rows: torch.Tensor, positions: torch.Tensor,
+                  delta: torch.Tensor | None, seen: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While active, ``block``'s output gets ``delta[j]`` added at (rows[j], positions[j]) (no shift when
+    ``delta`` is None); ``seen["before"]`` receives the output rows there before the shift (detached, fp32)."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        index = (rows.to(hidden.device), positions.to(hidden.device))
+        seen["before"] = hidden[index].detach().to(torch.float32)
+        if delta is None:
+            return None
+        shifted = hidden + torch.zeros_like(hidden).index_put(index, delta.to(hidden.dtype))
+        return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def last_token_log_probs(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """Log-probabilities (B, V), fp32, of the next token after each row of a LEFT-padded prompt-only batch."""
+    device = next(model.parameters()).device
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=1)
+    return F.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+
+def per_row_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Mean answer-token cross-entropy of each row (B,), from :func:`rledit.tokens.answer_logits` output."""
+    mask = batch.answer_mask.to(logits.device)
+    token_nll = F.cross_entropy(logits.float(), batch.labels.to(logits.device)[mask], reduction="none")
+    row_of_token = mask.nonzero()[:, 0]
+    totals = torch.zeros(mask.shape[0], device=logits.device).index_add(0, row_of_token, token_nll)
+    return totals / mask.sum(1).clamp(min=1)
+
+
+def optimise_target_values(model: nn.Module, block: nn.Module, edit_batch: TokenBatch,
+                           edit_subject: tuple[torch.Tensor, torch.Tensor], kl_batch: TokenBatch,
+                           kl_subject: tuple[torch.Tensor, torch.Tensor],
+                           hp: LocateEditHparams) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """Target values z (B, hidden), fp32, at ``block``'s output for each edit, and the optimisation's trace
+    (``nll``: mean target cross-entropy before each step). See the module docstring."""
+    device = next(model.parameters()).device
+    seen: dict[str, torch.Tensor] = {}
+    trace: dict[str, list[float]] = {"nll": []}
+    with frozen_model(model):
+        with torch.no_grad(), shifted_block(block, *kl_subject, None, seen):
+            kl_reference = last_token_log_probs(model, kl_batch)
+        with torch.no_grad(), shifted_block(block, *edit_subject, None, seen):
+            answer_logits(model, edit_batch)
+        h = seen["before"].to(device)
+        h_norm = h.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        delta = torch.zeros_like(h, requires_grad=True)
+        optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
+        with torch.enable_grad():
+            for _ in range(hp.v_steps):
+                with shifted_block(block, *edit_subject, delta, seen):
+                    nll = per_row_target_nll(answer_logits(model, edit_batch), edit_batch)
+                trace["nll"].append(float(nll.detach().mean()))
+                if bool((nll.detach() < hp.early_stop_loss).all()):
+                    break
+                with shifted_block(block, *kl_subject, delta, seen):
+                    log_probs = last_token_log_probs(model, kl_batch)
+                kl = (kl_reference.exp() * (kl_reference - log_probs)).sum(-1)
+                decay = (delta.norm(dim=1, keepdim=True) / h_norm).squeeze(1) ** 2
+                loss = (nll + hp.kl_factor * kl + hp.v_weight_decay * decay).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    limit = hp.clamp_norm_factor * h_norm
+                    delta.mul_((limit / delta.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+    return h + delta.detach(), trace
+
+
+@torch.no_grad()
+def keys_and_outputs(model: nn.Module, batch: TokenBatch, subject: tuple[torch.Tensor, torch.Tensor],
+                     module: nn.Module, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``module``'s inputs (B, d_in) and ``block``'s outputs (B, hidden) at the subject positions, fp32, from
+    one forward pass of ``batch`` on the model as it currently computes."""
+    rows, positions = subject
+    seen: dict[str, torch.Tensor] = {}
+
+    def read_keys(mod: nn.Module, args: tuple, output: Any) -> None:
+        inputs = args[0]
+        seen["keys"] = inputs[rows.to(inputs.device), positions.to(inputs.device)].to(torch.float32)
+
+    handle = module.register_forward_hook(read_keys)
+    try:
+        with frozen_model(model), shifted_block(block, rows, positions, None, seen):
+            answer_logits(model, batch)
+    finally:
+        handle.remove()
+    return seen["keys"], seen["before"]

@@ -1,0 +1,129 @@
+"""Text corpora for key statistics: the bundled sentences, a text file, or a ``datasets`` dataset.
+
+A corpus is read as a list of non-empty texts (its first ``limit`` ones, in order) plus an identifier that
+changes whenever its content may change (it is part of the statistics' cache key).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rledit.data.files import data_dir
+
+BUNDLED_CORPORA = {"sst2": "corpus/sst2_sentences.txt.gz"}  # name -> file under the data folder
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be found or read, or that holds no text."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Texts of a corpus and an identifier of its content (for cache keys)."""
+
+    texts: list[str]
+    identifier: str  # e.g. "sst2_sentences-3c1f9a0e2b7d"
+
+
+def load_corpus(source: str, limit: int, split: str = "train", column: str = "text") -> Corpus:
+    """The first ``limit`` non-empty texts of ``source`` (see :class:`LocateEditHparams.corpus` for the forms).
+
+    Raises :class:`CorpusError` naming what was looked for when the corpus is missing, unreadable or empty.
+    """
+    if limit < 1:
+        raise CorpusError(f"the corpus sample size must be >= 1, got {limit}")
+    if source in BUNDLED_CORPORA:
+        path = data_dir() / BUNDLED_CORPORA[source]
+        if not path.is_file():
+            raise CorpusError(f"the bundled corpus {source!r} is missing: looked for {path}")
+        return _file_corpus(path, limit, column)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _file_corpus(path, limit, column)
+    if path.is_dir():
+        return _saved_dataset_corpus(path, limit, split, column)
+    return _hub_dataset_corpus(source, limit, split, column)
+
+
+def _file_corpus(path: Path, limit: int, column: str) -> Corpus:
+    name = path.name
+    if not name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+        raise CorpusError(f"{path}: unknown corpus file type; use one of {TEXT_SUFFIXES + JSONL_SUFFIXES}")
+    texts = []
+    for number, line in enumerate(_lines(path), start=1):
+        if name.endswith(JSONL_SUFFIXES):
+            try:
+                line = json.loads(line)[column] if line.strip() else ""
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CorpusError(f"{path}, line {number}: not a JSON object with a {column!r} field ({exc})") from exc
+        if isinstance(line, str) and line.strip():
+            texts.append(line.strip())
+            if len(texts) == limit:
+                break
+    if not texts:
+        raise CorpusError(f"{path} holds no text")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    stem = name.split(".")[0]
+    return Corpus(texts, f"{stem}-{digest.hexdigest()[:12]}")
+
+
+def _lines(path: Path) -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            yield from f
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorpusError(f"{path} cannot be read as UTF-8 text: {exc}") from exc
+
+
+def _saved_dataset_corpus(path: Path, limit: int, split: str, column: str) -> Corpus:
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise CorpusError(f"{path} is a folder but not a dataset saved with save_to_disk: {exc}") from exc
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise CorpusError(f"{path} has no split {split!r}; its splits: {sorted(dataset)}")
+        dataset = dataset[split]
+    return _dataset_texts(dataset, f"{path.name}-{split}", limit, column)
+
+
+def _hub_dataset_corpus(name: str, limit: int, split: str, column: str) -> Corpus:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many error types (offline, unknown name, bad split)
+        raise CorpusError(
+            f"corpus {name!r} is not a bundled corpus ({', '.join(BUNDLED_CORPORA)}), not an existing file or "
+            f"folder, and datasets.load_dataset({name!r}, split={split!r}) failed: {exc}"
+        ) from exc
+    return _dataset_texts(dataset, f"{name.replace('/', '_')}-{split}", limit, column)
+
+
+def _dataset_texts(dataset, label: str, limit: int, column: str) -> Corpus:
+    if column not in dataset.column_names:
+        raise CorpusError(f"dataset {label!r} has no column {column!r}; its columns: {dataset.column_names}")
+    texts = []
+    for row in dataset.select_columns([column]):
+        value = row[column]
+        if isinstance(value, str) and value.strip():
+            texts.append(value.strip())
+            if len(texts) == limit:
+                break
+    if not texts:
+        raise CorpusError(f"dataset {label!r} has no text in column {column!r}")
+    fingerprint = getattr(dataset, "_fingerprint", "") or hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    return Corpus(texts, f"{label}-{fingerprint[:12]}")

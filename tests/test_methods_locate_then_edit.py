@@ -1,0 +1,186 @@
+"""MEMIT and AlphaEdit: corpus key statistics (values, cache), corpora, and the two solves checked against
+their optimality conditions and the null-space property."""
+
+import gzip
+import json
+
+import pytest
+import torch
+from test_methods_editor import REQUESTS, TINY_HPARAMS, make_editor, peaked_tiny_llama
+from tiny import tiny_model
+
+from rledit.editor import Editor
+from rledit.methods.alphaedit import AlphaEditHparams, AlphaEditMethod, nullspace_projection
+from rledit.methods.base import UpdateError
+from rledit.methods.memit import (
+    CorpusError,
+    MEMITHparams,
+    MEMITMethod,
+    load_corpus,
+    load_or_compute_statistics,
+)
+from rledit.methods.memit.stats import KeyStatistics
+from rledit.targets import resolve_targets
+
+TEXTS = ["the film is a charming comedy", "dull", "a long , slow and ultimately empty movie about nothing much"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLEDIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "reviews.txt"
+    path.write_text("\n".join(TEXTS[:2]) + "\n\n" + TEXTS[2] + "\n")
+    return path
+
+
+# -------------------------------------------------------------------------------------------------- corpora
+def test_corpus_files_and_the_bundled_corpus(tmp_path, corpus_file):
+    assert load_corpus(str(corpus_file), limit=10).texts == TEXTS  # the blank line is skipped
+    assert load_corpus(str(corpus_file), limit=2).texts == TEXTS[:2]
+    jsonl = tmp_path / "reviews.jsonl.gz"
+    with gzip.open(jsonl, "wt") as f:
+        f.write("\n".join(json.dumps({"review": t}) for t in TEXTS))
+    assert load_corpus(str(jsonl), limit=10, column="review").texts == TEXTS
+    with pytest.raises(CorpusError, match="line 1: not a JSON object with a 'text' field"):
+        load_corpus(str(jsonl), limit=10)
+    bundled = load_corpus("sst2", limit=3)
+    assert bundled.texts[0] == "hide new secretions from the parental units"
+    assert len(bundled.texts) == 3 and bundled.identifier.startswith("sst2_sentences-")
+    changed = tmp_path / "other.txt"
+    changed.write_text("\n".join(reversed(TEXTS)))
+    assert load_corpus(str(changed), 10).identifier != load_corpus(str(corpus_file), 10).identifier
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(CorpusError, match="holds no text"):
+        load_corpus(str(tmp_path / "empty.txt"), limit=5)
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    with pytest.raises(CorpusError, match="unknown corpus file type"):
+        load_corpus(str(tmp_path / "notes.csv"), limit=5)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def test_second_moments_match_a_text_by_text_reference(tokenizer, corpus_file):
+    model = tiny_model("llama")
+    targets = resolve_targets(model, [0, 2], ["down_proj"])
+    stats = load_or_compute_statistics(model, tokenizer, targets, str(corpus_file), samples=10, max_length=6,
+                                       batch_size=2)  # padded batches, and texts cut to 6 tokens
+    seen = {}
+    handles = [t.module.register_forward_hook(lambda m, args, out, name=t.name: seen.setdefault(name, []).append(
+        args[0][0].double())) for t in targets]
+    with torch.no_grad():
+        for text in TEXTS:  # one text at a time: no padding at all
+            ids = tokenizer(text)["input_ids"][:6]
+            model(input_ids=torch.tensor([ids]))
+    for handle in handles:
+        handle.remove()
+    n_tokens = sum(min(6, len(tokenizer(t)["input_ids"])) for t in TEXTS)
+    assert stats.n_tokens == n_tokens and stats.n_texts == 3 and not stats.cached
+    for target in targets:
+        keys = torch.cat(seen[target.name])
+        assert torch.allclose(stats.second_moments[target.name], keys.T @ keys / n_tokens, rtol=1e-5, atol=1e-9)
+
+
+def test_statistics_are_cached_per_model_layers_and_corpus(tokenizer, corpus_file, tmp_path):
+    model = tiny_model("llama")
+    targets = resolve_targets(model, [0, 1], ["down_proj"])
+    first = load_or_compute_statistics(model, tokenizer, targets, str(corpus_file), 10, 16, 4)
+    again = load_or_compute_statistics(model, tokenizer, targets, str(corpus_file), 10, 16, 4)
+    assert not first.cached and again.cached and again.path == first.path
+    assert again.compute_seconds == pytest.approx(first.compute_seconds)  # the setup time survives the cache
+    assert all(torch.equal(again.second_moments[n], first.second_moments[n].float().double())
+               for n in first.second_moments)
+    assert first.path.parent == tmp_path / "cache" / "stats"
+    assert first.path.name.startswith("llama_L0-1.down_proj_reviews_n10_")
+    other_layers = load_or_compute_statistics(model, tokenizer, resolve_targets(model, [1, 2], ["down_proj"]),
+                                              str(corpus_file), 10, 16, 4)
+    other_model = load_or_compute_statistics(tiny_model("llama", seed=1), tokenizer, targets, str(corpus_file),
+                                             10, 16, 4)
+    assert len({first.path, other_layers.path, other_model.path}) == 3
+    assert not other_layers.cached and not other_model.cached
+
+
+def test_editor_setup_reports_the_statistics_time(tokenizer):
+    editor = make_editor("memit", tokenizer)
+    stats = editor.method.statistics
+    assert not stats.cached and stats.compute_seconds > 0
+    assert editor.method.setup_seconds >= stats.compute_seconds
+    again = make_editor("memit", tokenizer)
+    assert again.method.statistics.cached and again.method.statistics.path == stats.path
+
+
+# ------------------------------------------------------------------------------------------------ the solves
+def synthetic_statistics(d_in, name, seed=0):
+    """A key second moment with known eigenvalues (two large, three tiny) and its eigenvectors."""
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=generator, dtype=torch.float64))
+    eigenvalues = torch.tensor([4.0, 2.0, 1e-3, 5e-4, 1e-4], dtype=torch.float64)
+    second_moment = basis @ torch.diag(eigenvalues) @ basis.T
+    return KeyStatistics({name: second_moment}, 1, 1, 0.0, None, False), basis, eigenvalues
+
+
+def test_memit_solve_satisfies_its_normal_equations():
+    name = "layer.down_proj"
+    method = MEMITMethod(MEMITHparams(cov_weight=3.0))
+    method.statistics, _, _ = synthetic_statistics(5, name)
+    generator = torch.Generator().manual_seed(1)
+    keys, residuals = torch.randn(3, 5, generator=generator), torch.randn(3, 4, generator=generator)
+    u, v = method.solve(name, keys, residuals)
+    delta, k, r = (u @ v).double(), keys.double(), residuals.double()
+    # ΔW minimises λ tr(ΔWᵀ C ΔW) + ||K ΔW - R||²: its gradient λ C ΔW + Kᵀ (K ΔW - R) vanishes
+    gradient = 3.0 * method.statistics.second_moments[name] @ delta + k.T @ (k @ delta - r)
+    assert gradient.abs().max() < 1e-5
+
+
+def test_nullspace_projection_keeps_the_small_eigen_directions():
+    stats, basis, _ = synthetic_statistics(5, "m")
+    projection, dim = nullspace_projection(stats.second_moments["m"], threshold=1e-2)
+    assert dim == 3
+    assert torch.allclose(projection, basis[:, 2:] @ basis[:, 2:].T, atol=1e-10)
+    assert torch.allclose(projection @ projection, projection, atol=1e-10)
+
+
+def test_alphaedit_update_lies_in_the_null_space_and_solves_the_projected_problem():
+    name = "layer.down_proj"
+    method = AlphaEditMethod(AlphaEditHparams(nullspace_threshold=1e-2, ridge=0.5))
+    method.statistics, basis, eigenvalues = synthetic_statistics(5, name)
+    method.after_statistics([type("Target", (), {"name": name})()])
+    generator = torch.Generator().manual_seed(2)
+    earlier = torch.randn(2, 5, generator=generator)
+    method.after_step({name: earlier})  # the cache now holds K_pᵀK_p of an earlier step
+    keys, residuals = torch.randn(3, 5, generator=generator), torch.randn(3, 4, generator=generator)
+    u, v = method.solve(name, keys, residuals)
+    delta, k, r, kp = (u @ v).double(), keys.double(), residuals.double(), earlier.double()
+    assert (basis[:, :2].T @ delta).abs().max() < 1e-6  # the preserved (large-eigenvalue) keys see no change
+    second_moment = method.statistics.second_moments[name]
+    assert torch.trace(delta.T @ second_moment @ delta) <= 1e-2 * (delta ** 2).sum()
+    projection = method.projections[name]  # stationary for min over ΔW = PΔW of the AlphaEdit objective
+    gradient = projection @ (k.T @ (k @ delta - r) + kp.T @ kp @ delta) + 0.5 * delta
+    assert gradient.abs().max() < 1e-5
+    assert torch.allclose(method.state_dict()["edited_keys_gram/" + name], kp.T @ kp)
+    assert eigenvalues[2] < 1e-2 <= eigenvalues[1]
+
+
+def test_alphaedit_caches_edited_keys_across_steps_and_saves_them(tokenizer, tmp_path):
+    editor = make_editor("alphaedit", tokenizer)
+    names = [t.name for t in editor.targets]
+    assert all(0 < editor.method.nullspace_dims[n] < 64 for n in names)
+    editor.apply(REQUESTS)
+    grams = editor.method.state_dict()
+    assert [int(torch.linalg.matrix_rank(grams["edited_keys_gram/" + n])) for n in names] == [2, 2]
+    editor.apply([{**REQUESTS[0], "target_new": "German"}])  # same subject: same key at the first layer
+    grams = editor.method.state_dict()
+    assert int(torch.linalg.matrix_rank(grams["edited_keys_gram/" + names[0]], rtol=1e-6)) == 2
+    editor.save(tmp_path / "edited")
+    loaded = Editor.load(tmp_path / "edited", model=peaked_tiny_llama(), tokenizer=tokenizer)
+    assert all(torch.equal(v, grams[k]) for k, v in loaded.method.state_dict().items())
+    with pytest.raises(UpdateError, match="does not fit the edited modules"):
+        loaded.method.load_state_dict({})
+
+
+def test_alphaedit_refuses_an_empty_null_space(tokenizer):
+    with pytest.raises(UpdateError, match="no eigenvalue .* is below nullspace_threshold=1e-12"):
+        make_editor("alphaedit", tokenizer, nullspace_threshold=1e-12)
+    assert TINY_HPARAMS["alphaedit"]["nullspace_threshold"] > 1e-12
