@@ -1,0 +1,48 @@
+"""Trained task networks cached on disk, keyed by everything that determines their weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CACHE_ENV = "RLEDIT_CACHE"
+
+
+def cache_dir() -> Path:
+    """The rledit cache folder: ``$RLEDIT_CACHE`` if set, else ``~/.cache/rledit``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rledit"
+
+
+def cached_model(kind: str, settings: dict[str, Any], model: nn.Module, train: Callable[[nn.Module], None]) -> Path:
+    """Load ``model``'s weights from the cache, or ``train`` it and store them; returns the weights file.
+
+    The file name holds a hash of ``kind`` and ``settings`` (which must include the seed and every training
+    setting), so a change to any of them trains a new network. Files are written atomically.
+    """
+    key = hashlib.sha256(json.dumps({"kind": kind, **settings}, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir() / "worlds"
+    path = folder / f"{kind}-{key}.safetensors"
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        return path
+    train(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(handle)
+    try:
+        tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+        save_file(tensors, tmp, metadata={"settings": json.dumps({"kind": kind, **settings}, sort_keys=True)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
