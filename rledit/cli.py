@@ -54,6 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--edits", type=int, default=8, help="number of zsRE eval edits (one step)")
     demo.set_defaults(handler=_demo)
 
+    bench = sub.add_parser("bench", help="lifelong benchmark: T steps x B edits with one or several methods")
+    which = bench.add_mutually_exclusive_group(required=True)
+    which.add_argument("--method", help="method name, or name:checkpoint for a trained editor (rledit:smollm2-135m-zsre)")
+    which.add_argument("--methods", help="comma-separated methods (each name or name:checkpoint), same stream")
+    _add_model_and_data(bench)
+    bench.add_argument("--steps", type=int, default=50)
+    bench.add_argument("--batch", type=int, default=20)
+    bench.add_argument("--timing", choices=["end", "immediate", "curve"], default="end")
+    bench.add_argument("--eval-every", type=int, default=10, help="steps between curve points (--timing curve)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="method hparams overrides, e.g. method.lr_init=1.0 (with --method)")
+    bench.add_argument("--out", required=True,
+                       help="results JSON (with --method) or folder for per-method JSON, table and plot (--methods)")
+    bench.set_defaults(handler=_bench)
+
     try:
         from rledit.worlds.cli import add_worlds_parser
     except ImportError:  # the worlds extra is optional at import time
@@ -114,6 +130,57 @@ def _eval(args: argparse.Namespace) -> int:
     print(format_metrics(result.metrics, f"unedited {loaded.name} on {len(requests)} {args.data} records"))
     print(f"summary: {summary}\nper-example records: {records}")
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rledit.bench import check_spec, run_benchmark
+    from rledit.bench_report import markdown_table, plot_curves, write_run
+    from rledit.models import load_model
+
+    names = [args.method] if args.method else [m.strip() for m in args.methods.split(",") if m.strip()]
+    specs = [_bench_spec(args, name) for name in names]
+    requests = [check_spec(spec) for spec in specs]  # every error before any work
+    loaded = load_model(args.model, dtype=args.dtype)
+    summaries = []
+    for spec, spec_requests in zip(specs, requests):
+        print(f"== {spec.name}: {spec.steps} x {spec.batch} {spec.data} edits, timing {spec.timing}")
+        summary, result = run_benchmark(loaded.model, loaded.tokenizer, loaded.name, spec, spec_requests)
+        summary["model_revision"] = loaded.revision
+        path = Path(args.out) if args.method else Path(args.out) / f"{_file_name(spec.name)}.json"
+        write_run(path, summary, result)
+        summaries.append(summary)
+        print(format_metrics(summary["metrics_by_protocol"], f"{spec.name} -> {path}"))
+    table = markdown_table(summaries)
+    print("\n" + table)
+    if args.methods:
+        out = Path(args.out)
+        (out / "table.md").write_text(table)
+        plot = plot_curves(summaries, out / "curves.png")
+        print(f"wrote {out / 'table.md'}" + (f" and {plot}" if plot else ""))
+    return 0
+
+
+def _bench_spec(args: argparse.Namespace, name: str):
+    from rledit.bench import BenchSpec
+    from rledit.hparams import HPARAMS_DIR, load_section
+
+    method, _, checkpoint = name.partition(":")
+    hparams = layers = modules = None
+    if not checkpoint:
+        method_file = HPARAMS_DIR / "methods" / f"{method}.yaml"
+        if method_file.is_file():
+            hparams = load_section(method_file, "method", overrides=args.set)
+        model_file = HPARAMS_DIR / "models" / f"{args.model}.yaml"
+        if model_file.is_file():
+            model = load_section(model_file, "model")
+            layers, modules = model.layers, model.modules
+    return BenchSpec(method=method, checkpoint=checkpoint or None, hparams=hparams, layers=layers, modules=modules,
+                     data=args.data, split=args.split, steps=args.steps, batch=args.batch, timing=args.timing,
+                     seed=args.seed, eval_every=args.eval_every)
+
+
+def _file_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def format_metrics(metrics: dict[str, dict[str, float]], title: str) -> str:

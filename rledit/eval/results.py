@@ -163,12 +163,13 @@ def write_results(path_json: str | Path, result: EvalResult | LifelongResult,
     records = (result.unedited.records + result.records) if isinstance(result, LifelongResult) else result.records
     lines = "".join(json.dumps(asdict(record), ensure_ascii=False) + "\n" for record in records)
     path_json.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path_records, lines)
-    _write_atomically(path_json, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomically(path_records, lines)
+    write_text_atomically(path_json, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     return path_json, path_records
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as f:

@@ -68,6 +68,7 @@ class LocateThenEditMethod(EditMethod):
 
     uses_features = False
     requires_subject: ClassVar[bool] = True  # every request must name its subject (checked before any work)
+    edits_output_projection: ClassVar[bool] = True  # edits the MLP output projections (down_proj on Llama)
 
     def __init__(self, hparams: LocateEditHparams):
         self.hparams = hparams

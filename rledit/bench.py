@@ -1,0 +1,193 @@
+"""The lifelong benchmark: one seeded stream of T steps x B edits, one method, one results file.
+
+:func:`run_benchmark` builds an :class:`rledit.Editor` for a method on an already loaded model, applies the
+stream with :func:`rledit.eval.run_lifelong`, and returns the results as a JSON-ready dict: the headline
+protocol's metrics (``zsre-token-acc@1`` for zsRE, ``cf-prob@1`` for CounterFact), every other applicable
+protocol under ``metrics_by_protocol``, the unedited model's scores, and the seconds of setup, applying and
+evaluating. ``floor_step_median`` is one plain forward+backward of the model (LM loss on the step's
+prompt+target rows, gradients for every weight, as in ordinary training), measured on the same step's rows
+right before that step is applied, so that the ratio ``apply_step_median / floor_step_median`` is immune to
+the machine's speed and load.
+"""
+
+from __future__ import annotations
+
+import resource
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import rledit
+from rledit.data import EditStream, dataset_file, load_requests
+from rledit.editor import Editor, method_hparams_dict
+from rledit.eval import LifelongResult, run_lifelong
+from rledit.methods import get_method
+from rledit.targets import architecture_of
+from rledit.tokens import answer_logits, context_length, encode
+from rledit.types import EditRequest
+
+HEADLINE = {"zsre": "zsre-token-acc@1", "counterfact": "cf-prob@1"}
+LOCALITY_NAME = {"zsre-token-acc@1": "specificity", "cf-prob@1": "neighborhood"}
+
+
+@dataclass
+class BenchSpec:
+    """What one benchmark run edits: method (and its trained checkpoint or hparams), data, schedule, timing."""
+
+    method: str
+    data: str = "zsre"
+    split: str = "eval"
+    steps: int = 50
+    batch: int = 20
+    timing: str = "end"
+    seed: int = 0
+    eval_every: int = 10
+    checkpoint: str | None = None
+    hparams: Any = None  # the method's hparams dataclass or dict (None: defaults)
+    layers: Sequence[int | str] | None = None  # edited layers/modules (ignored with a checkpoint)
+    modules: Sequence[str] | None = None
+    label: str | None = None  # the row's name in tables (default: the method, with the checkpoint)
+    protocols: Sequence[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The row label: ``label``, else ``method`` (``method:checkpoint`` for a trained editor)."""
+        return self.label or (f"{self.method}:{self.checkpoint}" if self.checkpoint else self.method)
+
+
+def check_spec(spec: BenchSpec) -> list[EditRequest]:
+    """Every check that can fail before work starts: method name, data, schedule size, subjects of the stream.
+
+    Returns the requests of the stream's source. Raises ``ValueError``/``DataError`` with what to change.
+    """
+    method_class = get_method(spec.method)
+    requests = load_requests(spec.data, spec.split)
+    EditStream(requests, spec.steps, spec.batch, spec.seed)  # T×B larger than the data: DataError
+    if getattr(method_class, "requires_subject", False):
+        method_class.check_requests(EditStream(requests, spec.steps, spec.batch, spec.seed).edits)
+    return requests
+
+
+def dataset_kind(requests: Sequence[EditRequest]) -> str:
+    """``counterfact`` when the records carry an old target and neighbourhood prompts, else ``zsre``."""
+    kinds = {item.kind for r in requests for item in r.locality}
+    return "counterfact" if all(r.ground_truth for r in requests) and kinds == {"neighborhood"} else "zsre"
+
+
+def floor_seconds(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequest]) -> float:
+    """Seconds of one ordinary forward+backward (all weights get gradients) on the step's prompt+target rows."""
+    batch = encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
+                   max_length=context_length(model))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        start = time.perf_counter()
+        logits = answer_logits(model, batch)
+        labels = batch.labels[batch.answer_mask].to(logits.device)
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    finally:
+        for p, flag in flags:
+            p.grad = None
+            p.requires_grad_(flag)
+
+
+def run_benchmark(model: torch.nn.Module, tokenizer, model_name: str, spec: BenchSpec,
+                  requests: Sequence[EditRequest] | None = None,
+                  progress: bool = True) -> tuple[dict[str, Any], LifelongResult]:
+    """Run one lifelong sequence of ``spec`` on ``model`` (left as it was afterwards).
+
+    Returns the summary (a JSON-ready dict) and the full result with its per-example records."""
+    requests = list(requests) if requests is not None else check_spec(spec)
+    stream = EditStream(requests, spec.steps, spec.batch, spec.seed)
+    modules = spec.modules
+    if getattr(get_method(spec.method), "edits_output_projection", False):
+        modules = [architecture_of(model).mlp_modules[-1]]
+    start = time.perf_counter()
+    editor = Editor.from_pretrained(model, method=spec.method, hparams=spec.hparams, checkpoint=spec.checkpoint,
+                                    tokenizer=tokenizer, layers=spec.layers, modules=modules)
+    setup = time.perf_counter() - start
+    floors: list[float] = []
+
+    def apply_step(step: list[EditRequest]) -> None:
+        floors.append(floor_seconds(model, tokenizer, step))
+        editor.apply(step)
+
+    try:
+        start = time.perf_counter()
+        result = run_lifelong(model, tokenizer, list(stream), apply_step, protocols=spec.protocols,
+                              timing=spec.timing, eval_every=spec.eval_every, progress=progress)
+        total = time.perf_counter() - start
+    finally:
+        editor.store.detach()
+    return _results(spec, editor, model_name, stream, result, setup, floors, total), result
+
+
+def _results(spec, editor, model_name, stream, result, setup, floors, total) -> dict[str, Any]:
+    kind = dataset_kind(stream.edits)
+    headline = HEADLINE[kind] if HEADLINE[kind] in result.protocols else result.protocols[0]
+    apply_total = sum(result.step_seconds)
+
+    def headline_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in metrics.get(headline, {}).items()}
+
+    out = {
+        "format": "rledit-bench@1",
+        "method": spec.method,
+        "name": spec.name,
+        "checkpoint": spec.checkpoint,
+        "method_hparams": method_hparams_dict(editor.method),
+        "edited_modules": [t.name for t in editor.targets],
+        "model": model_name,
+        "dataset": kind,
+        "data": spec.data,
+        "split": spec.split,
+        "data_file": str(dataset_file(spec.data, spec.split)),
+        "steps": spec.steps,
+        "batch": spec.batch,
+        "n_edits": spec.steps * spec.batch,
+        "timing": spec.timing,
+        "protocol": headline,
+        "metrics": headline_metrics(result.metrics),
+        "unedited": headline_metrics(result.unedited.metrics),
+        "metrics_by_protocol": {p: {k: round(v, 2) for k, v in m.items()} for p, m in result.metrics.items()},
+        "unedited_by_protocol": {p: {k: round(v, 2) for k, v in m.items()}
+                                 for p, m in result.unedited.metrics.items()},
+        "seconds": {
+            "setup": round(setup, 3),
+            "apply_total": round(apply_total, 3),
+            "apply_step_median": round(statistics.median(result.step_seconds), 4),
+            "floor_step_median": round(statistics.median(floors), 4),
+            "apply_step_first": round(result.step_seconds[0], 4),
+            "apply_step_last": round(result.step_seconds[-1], 4),
+            "eval": round(total - apply_total - sum(floors), 3),
+        },
+        "statistics_compute_seconds": getattr(getattr(editor.method, "statistics", None), "compute_seconds", None),
+        "apply_over_floor": round(statistics.median(result.step_seconds) / statistics.median(floors), 3),
+        "step_seconds": [round(s, 4) for s in result.step_seconds],
+        "floor_seconds": [round(s, 4) for s in floors],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "seed": spec.seed,
+        "version": rledit.__version__,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "command": shlex.join(["rledit", *sys.argv[1:]]) if Path(sys.argv[0]).name == "rledit"
+        else shlex.join(sys.argv),
+        "protocol_note": ("floor_step_median: one forward+backward with gradients for every weight on the same "
+                          "step's prompt+target rows, measured right before that step"),
+    }
+    if result.curve:
+        out["curve"] = [{"step": p.step, "n_edits": p.n_edits, **headline_metrics(p.metrics)} for p in result.curve]
+    out.update(spec.extra)
+    return out

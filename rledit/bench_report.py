@@ -1,0 +1,84 @@
+"""Benchmark results files: the run's JSON (+ per-example JSONL), markdown tables and retention-curve plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rledit.eval import LifelongResult
+from rledit.eval.results import write_text_atomically
+
+METRIC_ORDER = ("efficacy", "generalization", "locality", "specificity", "neighborhood")
+
+
+def write_run(path: str | Path, summary: dict[str, Any], result: LifelongResult) -> tuple[Path, Path]:
+    """Write ``summary`` to ``path`` (.json) and every per-example record beside it (.jsonl), atomically."""
+    path = Path(path)
+    if path.suffix != ".json":
+        raise ValueError(f"the results path must end in .json, got {str(path)!r}")
+    records = path.with_suffix(".jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(asdict(r), ensure_ascii=False) for r in result.unedited.records + result.records]
+    write_text_atomically(records, "\n".join(lines) + "\n")
+    write_text_atomically(path, json.dumps({**summary, "records_file": records.name}, indent=1) + "\n")
+    return path, records
+
+
+def headline_metrics(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """The headline metric names present in any of ``summaries``, in the usual order."""
+    present = {m for s in summaries for m in s["metrics"]}
+    return [m for m in METRIC_ORDER if m in present]
+
+
+def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """One row for the unedited model and one per run: headline metrics, seconds per edit, ratio to the floor."""
+    if not summaries:
+        raise ValueError("no benchmark results to tabulate")
+    first = summaries[0]
+    metrics = headline_metrics(summaries)
+    head = (f"{first['model']}, {first['dataset']} ({first['split']}), {first['steps']} steps x {first['batch']} "
+            f"edits = {first['n_edits']}, timing `{first['timing']}`, `{first['protocol']}`, seed {first['seed']}")
+    lines = [head, "", "| method | " + " | ".join(metrics) + " | apply s/edit | apply/floor | setup s |",
+             "|---|" + "---:|" * (len(metrics) + 3)]
+    unedited = " | ".join(f"{first['unedited'].get(m, float('nan')):.1f}" for m in metrics)
+    lines.append(f"| unedited | {unedited} | | | |")
+    for s in summaries:
+        values = " | ".join(f"{s['metrics'].get(m, float('nan')):.1f}" for m in metrics)
+        per_edit = s["seconds"]["apply_total"] / s["n_edits"]
+        lines.append(f"| {s['name']} | {values} | {per_edit:.4f} | {s['apply_over_floor']:.2f} | "
+                     f"{s['seconds']['setup']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """Retention curves (headline metrics vs number of edits) of the runs that have one; None if none has."""
+    runs = [s for s in summaries if s.get("curve")]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = headline_metrics(runs)[:3]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for s in runs:
+            points = [(p["n_edits"], p[metric]) for p in s["curve"] if metric in p]
+            ax.plot(*zip(*points), marker="o", markersize=3, label=s["name"])
+        ax.set_title(metric)
+        ax.set_xlabel("edits applied")
+        ax.set_ylim(0, 101)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{runs[0]['protocol']} (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{runs[0]['model']} on {runs[0]['dataset']}: retention of all edits so far", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,70 @@
+"""The lifelong benchmark: every results field, errors before any work, and a real two-method run."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from rledit.bench import BenchSpec, check_spec, run_benchmark
+from rledit.bench_report import markdown_table, plot_curves, write_run
+from rledit.cli import main
+from rledit.data import DataError
+from rledit.deltas import model_hash
+from rledit.methods.base import UnknownMethodError
+from rledit.types import EditRequestError
+
+DATA = Path(__file__).parent / "data"
+FIELDS = {"method", "model", "dataset", "data_file", "steps", "batch", "n_edits", "timing", "protocol", "metrics",
+          "unedited", "seconds", "peak_rss_mb", "seed", "version", "command", "metrics_by_protocol"}
+SECONDS = {"setup", "apply_total", "apply_step_median", "floor_step_median", "eval"}
+
+
+def test_results_have_every_field_and_the_model_is_left_as_it_was(tokenizer, tmp_path):
+    model = tiny_model("llama")
+    before = model_hash(model)
+    spec = BenchSpec(method="rledit", data="zsre", steps=2, batch=2, timing="curve", eval_every=1,
+                     protocols=["zsre-token-acc@1"])
+    summary, result = run_benchmark(model, tokenizer, "tiny-llama", spec, progress=False)
+    assert FIELDS <= set(summary) and SECONDS <= set(summary["seconds"])
+    assert (summary["dataset"], summary["protocol"], summary["n_edits"]) == ("zsre", "zsre-token-acc@1", 4)
+    assert {"efficacy", "generalization", "locality", "specificity"} <= set(summary["metrics"])
+    assert summary["unedited"]["locality"] == 100.0
+    assert [p["n_edits"] for p in summary["curve"]] == [2, 4]
+    assert len(summary["step_seconds"]) == len(summary["floor_seconds"]) == 2
+    assert summary["apply_over_floor"] > 0
+    assert model_hash(model) == before  # the benchmark's deltas are gone afterwards
+    path, records = write_run(tmp_path / "run.json", summary, result)
+    assert json.loads(path.read_text())["records_file"] == "run.jsonl"
+    assert len(records.read_text().splitlines()) == 4 + 2 + 4  # unedited, curve after step 1, after step 2
+    table = markdown_table([summary])
+    assert "| unedited |" in table and "| rledit |" in table
+    assert plot_curves([summary], tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_bad_benchmarks_fail_before_any_work(tmp_path):
+    with pytest.raises(UnknownMethodError, match="registered methods"):
+        check_spec(BenchSpec(method="rome"))
+    with pytest.raises(DataError, match="needs 2000 requests"):
+        check_spec(BenchSpec(method="rledit", steps=100, batch=20))
+    unknown = tmp_path / "weird.json"
+    unknown.write_text(json.dumps([{"question": "q", "reply": "a"}]))
+    with pytest.raises(DataError):
+        check_spec(BenchSpec(method="rledit", data=str(unknown), steps=1, batch=1))
+    no_subject = str(DATA / "zsre_rledit.jsonl")  # the RLEdit zsRE format carries no subjects
+    with pytest.raises(EditRequestError, match="subject"):
+        check_spec(BenchSpec(method="memit", data=no_subject, steps=1, batch=1))
+
+
+@pytest.mark.slow
+def test_bench_two_methods_on_smollm2(tmp_path):
+    torch.manual_seed(0)
+    out = tmp_path / "compare"
+    assert main(["bench", "--methods", "rledit,ultraedit", "--model", "smollm2-135m", "--data", "zsre",
+                 "--steps", "2", "--batch", "2", "--timing", "curve", "--eval-every", "1", "--out", str(out)]) == 0
+    for name in ("rledit", "ultraedit"):
+        summary = json.loads((out / f"{name}.json").read_text())
+        assert FIELDS <= set(summary) and summary["n_edits"] == 4
+        assert summary["metrics"]["efficacy"] > summary["unedited"]["efficacy"]
+    assert (out / "table.md").read_text().count("|") > 20 and (out / "curves.png").is_file()
