@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--timing", choices=["end", "immediate", "curve"], default="end")
     bench.add_argument("--eval-every", type=int, default=10, help="steps between curve points (--timing curve)")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--layers", type=int, nargs="*", default=None,
+                       help="edited layers of methods without a checkpoint (default: hparams/models/<model>.yaml)")
+    bench.add_argument("--protocols", nargs="*", default=None, help="protocol ids (default: all applicable)")
     bench.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="method hparams overrides, e.g. method.lr_init=1.0 (with --method)")
     bench.add_argument("--out", required=True,
@@ -174,9 +177,10 @@ def _bench_spec(args: argparse.Namespace, name: str):
         if model_file.is_file():
             model = load_section(model_file, "model")
             layers, modules = model.layers, model.modules
+        layers = args.layers or layers
     return BenchSpec(method=method, checkpoint=checkpoint or None, hparams=hparams, layers=layers, modules=modules,
                      data=args.data, split=args.split, steps=args.steps, batch=args.batch, timing=args.timing,
-                     seed=args.seed, eval_every=args.eval_every)
+                     seed=args.seed, eval_every=args.eval_every, protocols=args.protocols)
 
 
 def _file_name(name: str) -> str:

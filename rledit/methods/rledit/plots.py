@@ -29,7 +29,7 @@ def plot_training_log(log_path: str | Path, png_path: str | Path) -> Path:
     ax_acc.set_xlabel("episode")
     ax_acc.set_ylabel("%")
     ax_acc.set_ylim(0, 100)
-    ax_acc.set_title("post-edit token accuracy, current step (rephrase + edit prompts)")
+    ax_acc.set_title("post-edit token accuracy of the current step", fontsize=10)
     fig.tight_layout()
     png_path = Path(png_path)
     fig.savefig(png_path, dpi=110)
