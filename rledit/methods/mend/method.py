@@ -18,16 +18,15 @@ has the same interface and the RLEdit trainer trains it on single independent st
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from rledit.methods.base import StepFeaturesLike, UpdateError, check_updates, register_method
+from rledit.methods.base import UpdateError, register_method
 from rledit.methods.mend.config import MENDHparams
-from rledit.methods.rledit.method import RLEditMethod, _check_features
+from rledit.methods.rledit.method import RLEditMethod
 from rledit.methods.rledit.net import HyperNetwork
-from rledit.targets import EditTarget
 
 
 class MENDNetwork(HyperNetwork):
@@ -65,41 +64,12 @@ class MENDMethod(RLEditMethod):
     def __init__(self, hparams: MENDHparams | None = None):
         super().__init__(hparams if hparams is not None else MENDHparams())
 
-    def build(self, module_shapes: dict[str, tuple[int, int]]) -> MENDNetwork:
-        """Create the network for ``module_shapes`` (name → (d_in, d_out)) if there is none; if there is one,
-        require that it was built for exactly these modules."""
-        shapes = {name: (int(s[0]), int(s[1])) for name, s in module_shapes.items()}
-        if self.hypernet is None:
-            hp = self.hparams
-            self.hypernet = MENDNetwork(shapes, hp.rank, hp.n_blocks, hp.lr_init, hp.train.seed)
-        elif self.hypernet.module_shapes != shapes:
-            raise UpdateError(
-                f"this editor was built for modules {self.hypernet.module_shapes}, not {shapes}; "
-                "use an editor trained for the same model and edited modules"
-            )
-        return self.hypernet
+    def new_network(self, module_shapes: dict[str, tuple[int, int]]) -> MENDNetwork:
+        """A fresh, identity-initialised MEND network (no ridge strengths) for ``module_shapes``."""
+        hp = self.hparams
+        return MENDNetwork(module_shapes, hp.rank, hp.n_blocks, hp.lr_init, hp.train.seed)
 
-    def compute_updates(self, features: StepFeaturesLike, targets: Sequence[EditTarget] = (),
-                        update_stats: bool | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Factors (U, V) = (K~ᵀ, -η G~) per module. ``update_stats=None`` follows the normaliser mode. On an
-        error the normaliser is left exactly as it was."""
-        net = self.hypernet
-        if net is None:
-            raise UpdateError(f"{self.name}: call prepare(model, tokenizer, targets) or build(...) first")
-        if update_stats is None:
-            update_stats = self.hparams.normalizer == "lifelong"
-        _check_features(features, net.module_shapes)
-        saved = {k: v.clone() for k, v in net.normalizers.state_dict().items()}
-        try:
-            device = net.log_lr.device
-            updates = {}
-            for name, raw_keys in features.keys.items():
-                keys = raw_keys.to(device=device, dtype=torch.float32)
-                grads = features.grads[name].to(device=device, dtype=torch.float32)
-                edited_keys, edited_grads = net(name, keys, grads, update_stats=update_stats)
-                updates[name] = (edited_keys.T, -net.lr(name) * edited_grads)
-            check_updates(updates, net.module_shapes)
-        except UpdateError:
-            net.normalizers.load_state_dict(saved)
-            raise
-        return updates
+    def module_update(self, name: str, keys: torch.Tensor, edited_keys: torch.Tensor,
+                      edited_grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors (K~ᵀ, -η G~): the sum of the per-token rank-1 updates, no solve."""
+        return edited_keys.T, -self.hypernet.lr(name) * edited_grads

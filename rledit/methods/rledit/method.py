@@ -81,14 +81,25 @@ class RLEditMethod(EditMethod):
         one, require that it was built for exactly these modules."""
         shapes = {name: tuple(s) for name, s in module_shapes.items()}
         if self.hypernet is None:
-            hp = self.hparams
-            self.hypernet = HyperNetwork(shapes, hp.rank, hp.n_blocks, hp.lr_init, hp.lambda_init, hp.train.seed)
+            self.hypernet = self.new_network(shapes)
         elif self.hypernet.module_shapes != shapes:
             raise UpdateError(
                 f"this editor was built for modules {self.hypernet.module_shapes}, not {shapes}; "
                 "use an editor trained for the same model and edited modules"
             )
         return self.hypernet
+
+    def new_network(self, module_shapes: dict[str, tuple[int, int]]) -> HyperNetwork:
+        """A fresh, identity-initialised network for ``module_shapes``."""
+        hp = self.hparams
+        return HyperNetwork(module_shapes, hp.rank, hp.n_blocks, hp.lr_init, hp.lambda_init, hp.train.seed)
+
+    def module_update(self, name: str, keys: torch.Tensor, edited_keys: torch.Tensor,
+                      edited_grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One module's factors from its keys and the network's outputs: value shifts, then the ridge solve."""
+        net = self.hypernet
+        shifts = value_shifts(keys, edited_keys, edited_grads, net.lr(name))
+        return ridge_factors(keys, shifts, net.ridge(name))
 
     def compute_updates(self, features: StepFeaturesLike, targets: Sequence[EditTarget] = (),
                         update_stats: bool | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -112,8 +123,7 @@ class RLEditMethod(EditMethod):
                 keys = raw_keys.to(device=device, dtype=torch.float32)
                 grads = features.grads[name].to(device=device, dtype=torch.float32)
                 edited_keys, edited_grads = net(name, keys, grads, update_stats=update_stats)
-                shifts = value_shifts(keys, edited_keys, edited_grads, net.lr(name))
-                updates[name] = ridge_factors(keys, shifts, net.ridge(name))
+                updates[name] = self.module_update(name, keys, edited_keys, edited_grads)
             check_updates(updates, net.module_shapes)
         except UpdateError:
             net.normalizers.load_state_dict(saved)
