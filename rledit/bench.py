@@ -104,11 +104,13 @@ def floor_seconds(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequ
 
 
 def run_benchmark(model: torch.nn.Module, tokenizer, model_name: str, spec: BenchSpec,
-                  requests: Sequence[EditRequest] | None = None,
-                  progress: bool = True) -> tuple[dict[str, Any], LifelongResult]:
+                  requests: Sequence[EditRequest] | None = None, progress: bool = True,
+                  baseline: Any = None) -> tuple[dict[str, Any], LifelongResult]:
     """Run one lifelong sequence of ``spec`` on ``model`` (left as it was afterwards).
 
-    Returns the summary (a JSON-ready dict) and the full result with its per-example records."""
+    Returns the summary (a JSON-ready dict) and the full result with its per-example records. ``baseline``:
+    the ``.baseline`` of an earlier result on the same stream and protocols, to skip scoring the unedited model
+    again."""
     requests = list(requests) if requests is not None else check_spec(spec)
     stream = EditStream(requests, spec.steps, spec.batch, spec.seed)
     modules = spec.modules
@@ -127,11 +129,14 @@ def run_benchmark(model: torch.nn.Module, tokenizer, model_name: str, spec: Benc
     try:
         start = time.perf_counter()
         result = run_lifelong(model, tokenizer, list(stream), apply_step, protocols=spec.protocols,
-                              timing=spec.timing, eval_every=spec.eval_every, progress=progress)
+                              timing=spec.timing, eval_every=spec.eval_every, progress=progress,
+                              baseline=baseline)
         total = time.perf_counter() - start
     finally:
         editor.store.detach()
-    return _results(spec, editor, model_name, stream, result, setup, floors, total), result
+    summary = _results(spec, editor, model_name, stream, result, setup, floors, total)
+    summary["unedited_shared"] = baseline is not None  # scored once by an earlier method on the same stream
+    return summary, result
 
 
 def _results(spec, editor, model_name, stream, result, setup, floors, total) -> dict[str, Any]:

@@ -145,9 +145,12 @@ def _bench(args: argparse.Namespace) -> int:
     requests = [check_spec(spec) for spec in specs]  # every error before any work
     loaded = load_model(args.model, dtype=args.dtype)
     summaries = []
+    baseline = None  # the unedited scores, shared by every method on the same stream
     for spec, spec_requests in zip(specs, requests):
         print(f"== {spec.name}: {spec.steps} x {spec.batch} {spec.data} edits, timing {spec.timing}")
-        summary, result = run_benchmark(loaded.model, loaded.tokenizer, loaded.name, spec, spec_requests)
+        summary, result = run_benchmark(loaded.model, loaded.tokenizer, loaded.name, spec, spec_requests,
+                                        baseline=baseline)
+        baseline = result.baseline
         summary["model_revision"] = loaded.revision
         path = Path(args.out) if args.method else Path(args.out) / f"{_file_name(spec.name)}.json"
         write_run(path, summary, result)

@@ -102,11 +102,17 @@ class LifelongResult:
     eval_every: int | None
     started_at: str
     finished_at: str
+    references: Any = None  # the unedited model's locality references (rledit.eval.References)
 
     @property
     def n_examples(self) -> int:
         """The number of edits in the run."""
         return sum(self.edits_per_step)
+
+    @property
+    def baseline(self) -> tuple[Any, EvalResult]:
+        """(references, unedited scores): pass as ``run_lifelong(..., baseline=...)`` to reuse them."""
+        return self.references, self.unedited
 
 
 _COMPUTED_KEYS = ("format", "protocols", "timing", "rledit_version", "command", "started_at", "finished_at",

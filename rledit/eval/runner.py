@@ -69,12 +69,14 @@ def run_lifelong(
     eval_every: int = 10,
     batch_size: int = 32,
     progress: bool = True,
+    baseline: tuple[References, EvalResult] | None = None,
 ) -> LifelongResult:
     """Apply ``steps`` of edits one after another with ``apply_step`` and score them under ``timing``.
 
     ``apply_step(requests)`` must apply one step's edits to ``model`` in place (e.g. ``editor.apply``); its
     wall time is recorded per step. Before the first step the unedited model's references and its scores on
-    every edit (the floor) are computed.
+    every edit (the floor) are computed, unless ``baseline`` gives both from an earlier run on the same
+    steps and protocols (:attr:`LifelongResult.baseline`), which is how several methods share them.
     """
     if timing not in TIMINGS:
         raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
@@ -93,9 +95,16 @@ def run_lifelong(
         return _score(model, tokenizer, [requests[i] for i in indices], resolved, references, batch_size,
                       indices, step_of, after_steps)
 
-    references = compute_references(model, tokenizer, requests, resolved, batch_size)
-    unedited_records = score(range(len(requests)), 0)
-    unedited = EvalResult(ids, *summarize(unedited_records, ids), unedited_records, len(requests), started, utc_now())
+    if baseline is not None:
+        references, unedited = baseline
+        if unedited.protocols != ids or unedited.n_examples != len(requests):
+            raise ValueError(f"the given baseline scores {unedited.n_examples} edits under {unedited.protocols}, "
+                             f"this run {len(requests)} under {ids}")
+    else:
+        references = compute_references(model, tokenizer, requests, resolved, batch_size)
+        unedited_records = score(range(len(requests)), 0)
+        unedited = EvalResult(ids, *summarize(unedited_records, ids), unedited_records, len(requests), started,
+                              utc_now())
 
     records: list[ExampleRecord] = []
     curve: list[CurvePoint] = []
@@ -117,6 +126,7 @@ def run_lifelong(
         timing=timing, protocols=ids, metrics=metrics, counts=counts, unedited=unedited, records=records,
         step_seconds=seconds, edits_per_step=[len(s) for s in steps], curve=curve,
         eval_every=eval_every if timing == "curve" else None, started_at=started, finished_at=utc_now(),
+        references=references,
     )
 
 
