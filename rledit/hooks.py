@@ -1,12 +1,16 @@
 """Features of one edit step: keys and value-gradients at the edited modules (ALGORITHM.md §2).
 
 One forward and one backward of the current model (with whatever deltas are applied to it) on the step's
-prompt+target rows, loss = mean cross-entropy over all answer tokens of the batch. At every edited module and
-every answer position i we record
+prompt+target rows. At every edited module and every answer position i we record
 
 * k_i: the module's input (d_in), and
-* g_i: dLoss/d(module output) at that position (d_out), the *total* derivative through the rest of the
-  network.
+* g_i: d(sum of the answer tokens' cross-entropies)/d(module output) at that position (d_out), the *total*
+  derivative through the rest of the network.
+
+The gradient is that of the *summed* token loss, i.e. N times the gradient of the mean loss that ALGORITHM.md §2
+names. With the mean, every g_i shrinks as 1/N, so an editor trained on steps of 10 edits would make half-size
+updates when applied to steps of 20; with the sum, a token's gradient does not depend on how many edits share
+its step. ``StepFeatures.loss`` still reports the mean.
 
 How the gradients are obtained without touching the LM's weights: every parameter's ``requires_grad`` is
 turned off for the duration, so autograd builds no graph into any weight and never creates a ``.grad`` buffer.
@@ -107,7 +111,8 @@ def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: Tok
             missing = [n for n in names if n not in outputs]
             if missing:
                 raise FeatureError(f"targets {missing} did not run in the forward; are they in the model?")
-            grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
+            summed_loss = loss * int(mask.sum())  # per-token gradients: see the module docstring
+            grads = torch.autograd.grad(summed_loss, [outputs[n] for n in names], allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()

@@ -83,8 +83,8 @@ def test_untrained_mend_is_one_gradient_step_on_each_weight(tokenizer):
     editor = Editor.from_pretrained(model, method="mend", tokenizer=tokenizer, hparams={"lr_init": lr})
     step = editor.apply(REQUESTS)
 
-    # independent: autograd of the same mean answer-token loss w.r.t. explicit zero deltas D_m that act at the
-    # answer positions only (output + (mask * input) @ D_m), which is what the features see
+    # independent: autograd of the summed answer-token loss (per-token gradients, as rledit.hooks) w.r.t. explicit
+    # zero deltas D_m that act at the answer positions only (output + (mask * input) @ D_m), as the features see
     batch = step_batch(editor)
     mask = batch.answer_mask.unsqueeze(-1).float()
     for p in reference.parameters():
@@ -92,7 +92,7 @@ def test_untrained_mend_is_one_gradient_step_on_each_weight(tokenizer):
     deltas = {t.name: torch.zeros(t.shape, requires_grad=True) for t in editor.targets}
     handles = [reference.get_submodule(name).register_forward_hook(
         lambda module, args, out, d=d: out + (args[0] * mask) @ d) for name, d in deltas.items()]
-    answer_token_loss(answer_logits(reference, batch), batch).backward()
+    (answer_token_loss(answer_logits(reference, batch), batch) * batch.n_answer_tokens).backward()
     for handle in handles:
         handle.remove()
     last_layer = max(t.layer for t in editor.targets)
@@ -104,7 +104,7 @@ def test_untrained_mend_is_one_gradient_step_on_each_weight(tokenizer):
             weight = copy.deepcopy(target.module.weight).requires_grad_(True)
             twin = copy.deepcopy(reference)
             twin.get_submodule(target.name).weight = weight
-            answer_token_loss(answer_logits(twin, batch), batch).backward()
+            (answer_token_loss(answer_logits(twin, batch), batch) * batch.n_answer_tokens).backward()
             assert torch.allclose(delta, -lr * weight.grad.T, rtol=1e-4, atol=1e-8)
 
 
