@@ -82,3 +82,50 @@ def plot_curves(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path |
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+STREAM_KEYS = ("model", "dataset", "split", "steps", "batch", "seed", "timing", "protocol")
+ROW_ORDER = ("rledit", "malmen", "mend", "ultraedit", "memit", "alphaedit", "ft")
+
+
+def load_runs(directory: str | Path) -> list[dict[str, Any]]:
+    """Every run's summary in ``directory``, checked to share one stream, trained editors before their method.
+
+    A run is a ``*.json`` written by :func:`write_run` (it names its ``records_file``); runs of another stream
+    (model, data, schedule, seed, timing or protocol) in the same folder are an error naming both files.
+    """
+    directory = Path(directory)
+    runs = []
+    for path in sorted(directory.glob("*.json")):
+        summary = json.loads(path.read_text())
+        if "records_file" not in summary or "metrics" not in summary:
+            continue
+        runs.append((path, summary))
+    if not runs:
+        raise ValueError(f"no benchmark results (*.json from `rledit bench`) in {directory}")
+    first_path, first = runs[0]
+    for path, summary in runs[1:]:
+        different = [k for k in STREAM_KEYS if summary.get(k) != first.get(k)]
+        if different:
+            raise ValueError(f"{path.name} and {first_path.name} ran different streams ({', '.join(different)} "
+                             "differ): keep one stream per results folder")
+
+    def rank(summary: dict[str, Any]) -> tuple[int, int, str]:
+        method = summary["method"]
+        order = ROW_ORDER.index(method) if method in ROW_ORDER else len(ROW_ORDER)
+        return order, 0 if summary.get("checkpoint") else 1, summary["name"]
+
+    return sorted((s for _, s in runs), key=rank)
+
+
+def write_report(directory: str | Path) -> tuple[Path, Path | None]:
+    """``table.md`` and ``curves.png`` of every run in ``directory`` (see :func:`load_runs`).
+
+    Several ``rledit bench --methods`` processes may fill one folder (e.g. one per core); each rewrites these
+    two files over everything the folder holds so far, and ``rledit bench-report FOLDER`` does the same alone.
+    """
+    directory = Path(directory)
+    summaries = load_runs(directory)
+    table = directory / "table.md"
+    write_text_atomically(table, markdown_table(summaries))
+    return table, plot_curves(summaries, directory / "curves.png")

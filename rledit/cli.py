@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="results JSON (with --method) or folder for per-method JSON, table and plot (--methods)")
     bench.set_defaults(handler=_bench)
 
+    report = sub.add_parser("bench-report", help="table.md + curves.png of every bench run in a results folder")
+    report.add_argument("folder", help="a folder written by `rledit bench --methods ... --out FOLDER`")
+    report.set_defaults(handler=_bench_report)
+
     try:
         from rledit.worlds.cli import add_worlds_parser
     except ImportError:  # the worlds extra is optional at import time
@@ -137,7 +141,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from rledit.bench import check_spec, run_benchmark
-    from rledit.bench_report import markdown_table, plot_curves, write_run
+    from rledit.bench_report import markdown_table, write_run
     from rledit.models import load_model
 
     names = [args.method] if args.method else [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -156,13 +160,18 @@ def _bench(args: argparse.Namespace) -> int:
         write_run(path, summary, result)
         summaries.append(summary)
         print(format_metrics(summary["metrics_by_protocol"], f"{spec.name} -> {path}"))
-    table = markdown_table(summaries)
-    print("\n" + table)
-    if args.methods:
-        out = Path(args.out)
-        (out / "table.md").write_text(table)
-        plot = plot_curves(summaries, out / "curves.png")
-        print(f"wrote {out / 'table.md'}" + (f" and {plot}" if plot else ""))
+    print("\n" + markdown_table(summaries))
+    if args.methods:  # the folder's table covers these runs and any earlier ones on the same stream
+        _bench_report(argparse.Namespace(folder=args.out))
+    return 0
+
+
+def _bench_report(args: argparse.Namespace) -> int:
+    from rledit.bench_report import write_report
+
+    table, plot = write_report(args.folder)
+    print(table.read_text())
+    print(f"wrote {table}" + (f" and {plot}" if plot else ""))
     return 0
 
 

@@ -8,7 +8,7 @@ import torch
 from tiny import tiny_model
 
 from rledit.bench import BenchSpec, check_spec, run_benchmark
-from rledit.bench_report import markdown_table, plot_curves, write_run
+from rledit.bench_report import markdown_table, plot_curves, write_report, write_run
 from rledit.cli import main
 from rledit.data import DataError
 from rledit.deltas import model_hash
@@ -41,6 +41,20 @@ def test_results_have_every_field_and_the_model_is_left_as_it_was(tokenizer, tmp
     table = markdown_table([summary])
     assert "| unedited |" in table and "| rledit |" in table
     assert plot_curves([summary], tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_results_folder_tabulates_every_run_of_its_stream_and_rejects_another(tokenizer, tmp_path):
+    spec = BenchSpec(method="ultraedit", data="zsre", steps=1, batch=2, protocols=["zsre-token-acc@1"])
+    summary, result = run_benchmark(tiny_model("llama"), tokenizer, "tiny-llama", spec, progress=False)
+    write_run(tmp_path / "ultraedit.json", summary, result)  # e.g. written by one process ...
+    trained = {**summary, "method": "rledit", "checkpoint": "some-editor", "name": "rledit:some-editor"}
+    write_run(tmp_path / "rledit.json", trained, result)  # ... and this one by another
+    table, _ = write_report(tmp_path)
+    rows = [line.split("|")[1].strip() for line in table.read_text().splitlines() if line.startswith("| ")]
+    assert rows == ["method", "unedited", "rledit:some-editor", "ultraedit"]
+    write_run(tmp_path / "longer.json", {**summary, "steps": 2}, result)
+    with pytest.raises(ValueError, match="steps"):
+        write_report(tmp_path)
 
 
 def test_bad_benchmarks_fail_before_any_work(tmp_path):

@@ -14,8 +14,8 @@ from rledit.methods.rledit.trainer import RLEditTrainer
 
 def _trainer(tokenizer, out, episodes, **train):
     torch.manual_seed(0)
-    settings = dict(episodes=episodes, steps_per_episode=2, batch=2, back_depth=2, meta_lr=1e-3,
-                    scalar_meta_lr=3e-1, checkpoint_every=2, loc_reference="unedited") | train
+    settings = {"episodes": episodes, "steps_per_episode": 2, "batch": 2, "back_depth": 2, "meta_lr": 1e-3,
+                    "scalar_meta_lr": 3e-1, "checkpoint_every": 2, "loc_reference": "unedited"} | train
     hparams = RLEditHparams(rank=16, lr_init=30.0, train=TrainHparams(**settings))
     editor = Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, hparams=hparams, layers=[2, 3])
     requests = load_requests("zsre", "train", limit=4)  # the same 4 edits every episode: a loss that can fall
