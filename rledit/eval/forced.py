@@ -14,8 +14,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from rledit.tokens import context_length, encode, forward_logits
+
+PROGRESS_MIN_BATCHES = 20  # shorter loops run without a progress bar
 
 Pair = tuple[str, str]
 
@@ -57,11 +60,14 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
-    """Consecutive slices of ``items`` of at most ``size`` elements."""
+def chunks(items: Sequence, size: int, desc: str | None = None) -> Iterable[Sequence]:
+    """Consecutive slices of ``items`` of at most ``size`` elements; a progress bar named ``desc`` on long runs."""
     if size < 1:
         raise ValueError(f"batch_size must be at least 1, got {size}")
-    for start in range(0, len(items), size):
+    starts = range(0, len(items), size)
+    if desc is not None and len(starts) >= PROGRESS_MIN_BATCHES:
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    for start in starts:
         yield items[start : start + size]
 
 
@@ -71,7 +77,7 @@ def predict_answers(model: nn.Module, tokenizer, pairs: Iterable[Pair], batch_si
     limit = context_length(model)
     predictions: dict[Pair, AnswerPrediction] = {}
     with evaluation_mode(model):
-        for batch_pairs in chunks(unique, batch_size):
+        for batch_pairs in chunks(unique, batch_size, desc=f"scoring {len(unique)} prompts"):
             batch = encode(tokenizer, [p for p, _ in batch_pairs], [a for _, a in batch_pairs], max_length=limit)
             logits = forward_logits(model, batch)
             mask = batch.answer_mask.to(logits.device)

@@ -32,7 +32,7 @@ def greedy_decode(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     outputs: list[list[int]] = [[] for _ in prompts]
     with evaluation_mode(model):
-        for batch_rows in chunks(order, batch_size):
+        for batch_rows in chunks(order, batch_size, desc=f"decoding {len(order)} prompts"):
             decoded = _decode_batch(model, tokenizer, [prompts[i] for i in batch_rows],
                                     [max_new_tokens[i] for i in batch_rows])
             for i, ids in zip(batch_rows, decoded):
