@@ -1,12 +1,14 @@
 """MEMIT and AlphaEdit: corpus key statistics (values, cache), corpora, and the two solves checked against
 their optimality conditions and the null-space property."""
 
+import contextlib
 import gzip
 import json
 
 import pytest
 import torch
-from test_methods_editor import REQUESTS, TINY_HPARAMS, make_editor, peaked_tiny_llama
+from test_methods_editor import OUTPUT_PROJECTIONS, REQUESTS, TINY_HPARAMS, make_editor, peaked_tiny_llama, \
+    peaked_tiny_model
 from tiny import tiny_model
 
 from rledit.editor import Editor
@@ -19,8 +21,10 @@ from rledit.methods.memit import (
     load_corpus,
     load_or_compute_statistics,
 )
+from rledit.methods.memit import compute
 from rledit.methods.memit.stats import KeyStatistics
-from rledit.targets import resolve_targets
+from rledit.targets import find_blocks, resolve_targets
+from rledit.types import EditRequest
 
 TEXTS = ["the film is a charming comedy", "dull", "a long , slow and ultimately empty movie about nothing much"]
 
@@ -184,3 +188,26 @@ def test_alphaedit_refuses_an_empty_null_space(tokenizer):
     with pytest.raises(UpdateError, match="no eigenvalue .* is below nullspace_threshold=1e-12"):
         make_editor("alphaedit", tokenizer, nullspace_threshold=1e-12)
     assert TINY_HPARAMS["alphaedit"]["nullspace_threshold"] > 1e-12
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox"])
+def test_target_values_replay_the_blocks_below_exactly(tokenizer, kind, monkeypatch):
+    """The δ optimisation computes only the blocks above the shifted one, with the same result as full passes."""
+    model = peaked_tiny_model(kind)
+    editor = Editor.from_pretrained(model, method="memit", tokenizer=tokenizer, hparams=TINY_HPARAMS["memit"],
+                                    layers=[1, 2], modules=[OUTPUT_PROJECTIONS[kind]])
+    requests = [EditRequest.from_dict(r) for r in REQUESTS]
+    lowest = find_blocks(model)[0][1]
+    calls = []
+    lowest.mlp.register_forward_hook(lambda *args: calls.append(1))  # not reached when the block replays
+    replayed = editor.method.compute_step(model, tokenizer, editor.targets, requests)
+    trace = editor.method.last_trace["nll"]
+    replay_calls = len(calls)
+    monkeypatch.setattr(compute, "replayed_blocks", lambda blocks, outputs: contextlib.nullcontext())
+    calls.clear()
+    full = editor.method.compute_step(model, tokenizer, editor.targets, requests)
+    assert len(trace) > 2 and editor.method.last_trace["nll"] == pytest.approx(trace, rel=1e-5)
+    assert replay_calls < len(calls)  # the lowest block ran only in the recording passes
+    for name, (u, v) in full.items():
+        assert torch.allclose(replayed[name][0], u, atol=1e-5) and torch.allclose(replayed[name][1], v, atol=1e-5)
+    assert "forward" not in lowest.__dict__  # the block computes again afterwards

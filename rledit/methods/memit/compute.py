@@ -6,7 +6,9 @@
   layer's block at that position is optimised (Adam, all requests at once, each with its own δ and loss) so
   that the model predicts the target: loss = target cross-entropy + kl_factor · KL(p₀ ‖ p) on the essence
   prompt ("{subject} is a") + v_weight_decay · ||δ||²/||h||², with ||δ|| clamped to clamp_norm_factor · ||h||.
-  The target value is z = h + δ (h: the block output there before the shift).
+  The target value is z = h + δ (h: the block output there before the shift). The blocks up to the shifted
+  one do not depend on δ: their outputs are recorded once and replayed at every optimisation step
+  (:func:`recorded_blocks`, :func:`replayed_blocks`), so a step computes only the blocks above it.
 * :func:`keys_and_outputs` reads, in one forward pass, an edited module's inputs and that block's outputs at the
   subject positions (the caller adds earlier layers' pending updates).
 """
@@ -111,19 +113,55 @@ def per_row_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     return totals / mask.sum(1).clamp(min=1)
 
 
-def optimise_target_values(model: nn.Module, block: nn.Module, edit_batch: TokenBatch,
+@contextmanager
+def recorded_blocks(blocks: Sequence[nn.Module], outputs: list[Any]) -> Iterator[None]:
+    """While active, a forward pass stores what each of ``blocks`` returns in ``outputs`` (in block order)."""
+    outputs.clear()
+    handles = [block.register_forward_hook(lambda module, args, output: outputs.append(output))
+               for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def replayed_blocks(blocks: Sequence[nn.Module], outputs: Sequence[Any]) -> Iterator[None]:
+    """While active, each of ``blocks`` skips its computation and returns its recorded output (its hooks still
+    run). Exact for a forward on the same batch as the recording, as long as nothing below changes."""
+    if len(outputs) != len(blocks):
+        raise RuntimeError(f"recorded {len(outputs)} block outputs for {len(blocks)} blocks")
+    saved = [block.__dict__.get("forward") for block in blocks]  # e.g. an accelerate wrapper
+    for block, output in zip(blocks, outputs):
+        block.forward = lambda *args, _output=output, **kwargs: _output
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+def optimise_target_values(model: nn.Module, blocks: Sequence[nn.Module], edit_batch: TokenBatch,
                            edit_subject: tuple[torch.Tensor, torch.Tensor], kl_batch: TokenBatch,
                            kl_subject: tuple[torch.Tensor, torch.Tensor],
                            hp: LocateEditHparams) -> tuple[torch.Tensor, dict[str, list[float]]]:
-    """Target values z (B, hidden), fp32, at ``block``'s output for each edit, and the optimisation's trace
-    (``nll``: mean target cross-entropy before each step). See the module docstring."""
+    """Target values z (B, hidden), fp32, at the output of ``blocks[-1]`` (the last edited layer's block; the
+    blocks before it in ``blocks``: every block below it) for each edit, and the optimisation's trace (``nll``:
+    mean target cross-entropy before each step). See the module docstring."""
+    block = blocks[-1]
     device = next(model.parameters()).device
     seen: dict[str, torch.Tensor] = {}
     trace: dict[str, list[float]] = {"nll": []}
+    kl_outputs: list[Any] = []
+    edit_outputs: list[Any] = []
     with frozen_model(model):
-        with torch.no_grad(), shifted_block(block, *kl_subject, None, seen):
+        with torch.no_grad(), shifted_block(block, *kl_subject, None, seen), recorded_blocks(blocks, kl_outputs):
             kl_reference = last_token_log_probs(model, kl_batch)
-        with torch.no_grad(), shifted_block(block, *edit_subject, None, seen):
+        with torch.no_grad(), shifted_block(block, *edit_subject, None, seen), recorded_blocks(blocks, edit_outputs):
             answer_logits(model, edit_batch)
         h = seen["before"].to(device)
         h_norm = h.norm(dim=1, keepdim=True).clamp_min(1e-8)
@@ -131,12 +169,12 @@ def optimise_target_values(model: nn.Module, block: nn.Module, edit_batch: Token
         optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
         with torch.enable_grad():
             for _ in range(hp.v_steps):
-                with shifted_block(block, *edit_subject, delta, seen):
+                with shifted_block(block, *edit_subject, delta, seen), replayed_blocks(blocks, edit_outputs):
                     nll = per_row_target_nll(answer_logits(model, edit_batch), edit_batch)
                 trace["nll"].append(float(nll.detach().mean()))
                 if bool((nll.detach() < hp.early_stop_loss).all()):
                     break
-                with shifted_block(block, *kl_subject, delta, seen):
+                with shifted_block(block, *kl_subject, delta, seen), replayed_blocks(blocks, kl_outputs):
                     log_probs = last_token_log_probs(model, kl_batch)
                 kl = (kl_reference.exp() * (kl_reference - log_probs)).sum(-1)
                 decay = (delta.norm(dim=1, keepdim=True) / h_norm).squeeze(1) ** 2

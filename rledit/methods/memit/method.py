@@ -111,7 +111,8 @@ class LocateThenEditMethod(EditMethod):
             raise UpdateError(f"{self.name}: call prepare(model, tokenizer, targets) first")
         hp = self.hparams
         ordered = sorted(targets, key=lambda t: t.layer)
-        block = find_blocks(model)[ordered[-1].layer][1]
+        below = [module for layer, (_, module) in find_blocks(model).items() if layer <= ordered[-1].layer]
+        block = below[-1]
         edit_batch = encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
                             max_length=context_length(model), padding_side="left")
         kl_texts = [hp.kl_prompt.format(r.subject.strip()) for r in requests]
@@ -120,7 +121,7 @@ class LocateThenEditMethod(EditMethod):
             edit_batch, [subject_last_token(tokenizer, r.prompt, r.subject) for r in requests])
         kl_subject = subject_positions(
             kl_batch, [subject_last_token(tokenizer, t, r.subject) for t, r in zip(kl_texts, requests)])
-        values, self.last_trace = optimise_target_values(model, block, edit_batch, edit_subject, kl_batch,
+        values, self.last_trace = optimise_target_values(model, below, edit_batch, edit_subject, kl_batch,
                                                          kl_subject, hp)
         updates: dict[str, Factors] = {}
         keys: dict[str, torch.Tensor] = {}
