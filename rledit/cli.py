@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="output folder (default: runs/<hparams file name>)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     train.add_argument("--limit", type=int, default=None, help="use only the first N training records")
+    train.add_argument("--init", default=None, metavar="CHECKPOINT",
+                       help="start from a trained editor (name or folder) with the same modules and network shape")
     train.set_defaults(handler=_train)
 
     evaluate = sub.add_parser("eval", help="score the unedited model under every applicable protocol")
@@ -112,7 +114,7 @@ def _train(args: argparse.Namespace) -> int:
                                     layers=hparams.model.layers, modules=hparams.model.modules,
                                     dtype=hparams.model.dtype, device=hparams.model.device)
     requests = load_requests(method.train.train_data, "train", limit=args.limit)
-    trainer = RLEditTrainer(editor, requests, out, hparams_source=str(args.hparams))
+    trainer = RLEditTrainer(editor, requests, out, hparams_source=str(args.hparams), init_from=args.init)
     final = trainer.train(resume=args.resume)
     from rledit.methods.rledit.plots import plot_training_log
 

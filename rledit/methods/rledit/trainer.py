@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from rledit.checkpoints import read_checkpoint
 from rledit.hooks import answer_token_loss, capture_features
 from rledit.methods.rledit.method import RLEditMethod, factored_frobenius_sq
 from rledit.prefix import Prefix
@@ -73,7 +74,7 @@ class RLEditTrainer:
     """
 
     def __init__(self, editor, requests: Sequence[EditRequest], out_dir: str | Path, progress: bool = True,
-                 hparams_source: str | None = None):
+                 hparams_source: str | None = None, init_from: str | Path | None = None):
         if not isinstance(editor.method, RLEditMethod):
             raise TypeError(f"the RL trainer trains RLEdit-family editors, not {editor.method.name!r}")
         self.editor = editor
@@ -93,6 +94,11 @@ class RLEditTrainer:
         self.max_length = None
         # the layers below the lowest edited one never change: their output is computed once per batch
         self.prefix = Prefix.for_targets(editor.model, editor.targets)
+        self.init_from = str(init_from) if init_from is not None else None
+        if init_from is not None:  # fine-tune a trained editor (same modules and network shape) with these settings
+            saved = read_checkpoint(init_from)
+            saved.check_targets(editor.targets)
+            self.method.load_state_dict(saved.state)
         self.editor.model.eval()
         for p in self.editor.model.parameters():
             p.requires_grad_(False)
@@ -235,7 +241,8 @@ class RLEditTrainer:
 
     def _training_facts(self) -> dict[str, Any]:
         return {"episodes": self.episode, "optimizer_steps": self.global_step // self.hp.update_every,
-                "train": asdict(self.hp), "hparams_file": self.hparams_source, "n_train_requests": len(self.requests)}
+                "train": asdict(self.hp), "hparams_file": self.hparams_source, "n_train_requests": len(self.requests),
+                "init_from": self.init_from}
 
     def _save_state(self) -> None:
         """Checkpoint network, optimiser, data order and RNG so that ``resume`` continues exactly (atomic)."""
