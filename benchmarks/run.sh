@@ -3,7 +3,7 @@
 # same protocol. Results (per-method JSON + JSONL) land in one folder per stream under benchmarks/results/; each
 # process rewrites that folder's table.md and curves.png over every run the folder holds (`rledit bench-report
 # FOLDER` does it alone). Run from the repository root after ./scripts/setup.sh. One thread per process keeps
-# timings stable on a shared machine; the two processes of each stream were run side by side, one per core.
+# timings stable on a shared machine; processes were run two at a time, one per core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -12,12 +12,15 @@ bench() { .venv/bin/rledit bench --model smollm2-135m --split eval --layers 24 2
 # zsRE eval, 50 steps x 20 edits, retention curve every 25 steps, headline zsre-token-acc@1
 ZSRE=(--data zsre --steps 50 --batch 20 --eval-every 25 --protocols zsre-token-acc@1 --out benchmarks/results/zsre-50x20)
 bench "${ZSRE[@]}" --methods rledit:smollm2-135m-zsre,malmen:smollm2-135m-zsre-malmen,rledit,ultraedit,mend,ft
-bench "${ZSRE[@]}" --methods memit,alphaedit
+bench "${ZSRE[@]}" --methods memit
+bench "${ZSRE[@]}" --methods alphaedit
 
 # CounterFact edit split, 50 steps x 20 edits, headline cf-prob@1 (the MALMEN-style editor is the zsRE-trained one)
 CF=(--data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20)
 bench "${CF[@]}" --methods rledit:smollm2-135m-counterfact,rledit,ultraedit
-bench "${CF[@]}" --methods malmen:smollm2-135m-zsre-malmen,mend,memit,alphaedit,ft
+bench "${CF[@]}" --methods malmen:smollm2-135m-zsre-malmen,mend,ft
+bench "${CF[@]}" --methods memit
+bench "${CF[@]}" --methods alphaedit
 
 # 2,000 sequential edits: CounterFact edit split, 100 steps x 20 edits, retention curve every 50 steps. (zsRE
 # cannot run 100 x 20: the bundled eval split holds 1,037 records, and both zsRE eval files together 1,570 distinct
