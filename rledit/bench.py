@@ -166,6 +166,7 @@ def _results(spec, editor, model_name, stream, result, setup, floors, total) -> 
         "checkpoint": spec.checkpoint,
         "method_hparams": method_hparams_dict(editor.method),
         "edited_modules": [t.name for t in editor.targets],
+        "method_setup": editor.method.setup_report(),
         "model": model_name,
         "dataset": kind,
         "data": spec.data,

@@ -40,6 +40,7 @@ def test_results_have_every_field_and_the_model_is_left_as_it_was(tokenizer, tmp
     assert len(records.read_text().splitlines()) == 4 + 2 + 4  # unedited, curve after step 1, after step 2
     table = markdown_table([summary])
     assert "| unedited |" in table and "| rledit |" in table
+    assert summary["method_setup"] == {}  # rledit builds no statistics; memit's are in test_methods_locate_then_edit
     assert plot_curves([summary], tmp_path / "curves.png").stat().st_size > 0
 
 

@@ -113,6 +113,9 @@ def test_editor_setup_reports_the_statistics_time(tokenizer):
     assert editor.method.setup_seconds >= stats.compute_seconds
     again = make_editor("memit", tokenizer)
     assert again.method.statistics.cached and again.method.statistics.path == stats.path
+    report = again.method.setup_report()["statistics"]  # what results files record
+    assert report["cached"] and report["file"] == str(stats.path)
+    assert report["compute_seconds"] == round(stats.compute_seconds, 3) and report["n_texts"] == stats.n_texts
 
 
 # ------------------------------------------------------------------------------------------------ the solves
@@ -171,6 +174,7 @@ def test_alphaedit_caches_edited_keys_across_steps_and_saves_them(tokenizer, tmp
     editor = make_editor("alphaedit", tokenizer)
     names = [t.name for t in editor.targets]
     assert all(0 < editor.method.nullspace_dims[n] < 64 for n in names)
+    assert editor.method.setup_report()["nullspace_dims"] == editor.method.nullspace_dims
     editor.apply(REQUESTS)
     grams = editor.method.state_dict()
     assert [int(torch.linalg.matrix_rank(grams["edited_keys_gram/" + n])) for n in names] == [2, 2]

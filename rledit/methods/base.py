@@ -83,6 +83,11 @@ class EditMethod:
             raise UpdateError(f"method {self.name!r} needs the step's features; the editor passed none")
         return self.compute_updates(features, targets)
 
+    def setup_report(self) -> dict[str, Any]:
+        """JSON-ready facts about what :meth:`prepare` built (e.g. corpus statistics, where they came from and
+        how long computing them took), recorded in results files. Default: nothing."""
+        return {}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The method's saved state as plain tensors (empty for stateless methods)."""
         return {}

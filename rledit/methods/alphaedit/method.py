@@ -21,6 +21,7 @@ and count towards ``setup_seconds``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -69,6 +70,10 @@ class AlphaEditMethod(LocateThenEditMethod):
             self.projections[target.name] = projection
             self.nullspace_dims[target.name] = dim
             self.edited_keys_gram[target.name] = torch.zeros_like(second_moment)
+
+    def setup_report(self) -> dict[str, Any]:
+        """The statistics (see MEMIT) and the null-space dimension of each edited module."""
+        return {**super().setup_report(), "nullspace_dims": dict(self.nullspace_dims)}
 
     def solve(self, name: str, keys: torch.Tensor, residuals: torch.Tensor) -> Factors:
         """U = (P (KᵀK + K_pᵀK_p) + λ I)⁻¹ P Kᵀ (fp64, d_in × d_in system), V = R."""

@@ -87,6 +87,15 @@ class LocateThenEditMethod(EditMethod):
         self.after_statistics(targets)
         self.setup_seconds = time.perf_counter() - start
 
+    def setup_report(self) -> dict[str, Any]:
+        """The corpus key statistics: cache file, whether this run read it from the cache, their size and the
+        seconds computing them took (when they were computed, also for a cache hit)."""
+        if self.statistics is None:
+            return {}
+        stats = self.statistics
+        return {"statistics": {"file": str(stats.path), "cached": stats.cached, "n_texts": stats.n_texts,
+                               "n_tokens": stats.n_tokens, "compute_seconds": round(stats.compute_seconds, 3)}}
+
     def after_statistics(self, targets: Sequence[EditTarget]) -> None:
         """Set-up that needs the statistics (AlphaEdit's projections). Default: nothing."""
 
