@@ -7,8 +7,14 @@ import json
 
 import pytest
 import torch
-from test_methods_editor import OUTPUT_PROJECTIONS, REQUESTS, TINY_HPARAMS, make_editor, peaked_tiny_llama, \
-    peaked_tiny_model
+from test_methods_editor import (
+    OUTPUT_PROJECTIONS,
+    REQUESTS,
+    TINY_HPARAMS,
+    make_editor,
+    peaked_tiny_llama,
+    peaked_tiny_model,
+)
 from tiny import tiny_model
 
 from rledit.editor import Editor
@@ -18,10 +24,10 @@ from rledit.methods.memit import (
     CorpusError,
     MEMITHparams,
     MEMITMethod,
+    compute,
     load_corpus,
     load_or_compute_statistics,
 )
-from rledit.methods.memit import compute
 from rledit.methods.memit.stats import KeyStatistics
 from rledit.targets import find_blocks, resolve_targets
 from rledit.types import EditRequest
