@@ -56,6 +56,23 @@ def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """Per run: median apply and floor seconds per step and their ratio, the median of the first and last five
+    steps (drift of the apply cost along the sequence), seconds per edit, set-up, statistics and peak RSS."""
+    header = ("| method | apply s/step | floor s/step | apply/floor | first 5 → last 5 steps (s) | apply s/edit | "
+              "setup s | statistics s | peak RSS MB |")
+    lines = [header, "|---|" + "---:|" * 8]
+    for s in summaries:
+        sec = s["seconds"]
+        statistics = s.get("method_setup", {}).get("statistics")
+        computed = f"{statistics['compute_seconds']:.0f}" if statistics else ""
+        lines.append(f"| {s['name']} | {sec['apply_step_median']:.2f} | {sec['floor_step_median']:.2f} | "
+                     f"{s['apply_over_floor']:.2f} | {sec['apply_first5_median']:.2f} → "
+                     f"{sec['apply_last5_median']:.2f} | {sec['apply_total'] / s['n_edits']:.4f} | "
+                     f"{sec['setup']:.1f} | {computed} | {s['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
     """Retention curves (headline metrics vs number of edits) of the runs that have one; None if none has."""
     runs = [s for s in summaries if s.get("curve")]
@@ -122,7 +139,7 @@ def load_runs(directory: str | Path) -> list[dict[str, Any]]:
 
 
 def write_report(directory: str | Path) -> tuple[Path, Path | None]:
-    """``table.md`` and ``curves.png`` of every run in ``directory`` (see :func:`load_runs`).
+    """``table.md`` (quality, then speed) and ``curves.png`` of every run in ``directory`` (see :func:`load_runs`).
 
     Several ``rledit bench --methods`` processes may fill one folder (e.g. one per core); each rewrites these
     two files over everything the folder holds so far, and ``rledit bench-report FOLDER`` does the same alone.
@@ -130,5 +147,5 @@ def write_report(directory: str | Path) -> tuple[Path, Path | None]:
     directory = Path(directory)
     summaries = load_runs(directory)
     table = directory / "table.md"
-    write_text_atomically(table, markdown_table(summaries))
+    write_text_atomically(table, markdown_table(summaries) + "\nSpeed:\n\n" + speed_table(summaries))
     return table, plot_curves(summaries, directory / "curves.png")

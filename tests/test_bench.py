@@ -8,7 +8,7 @@ import torch
 from tiny import tiny_model
 
 from rledit.bench import BenchSpec, check_spec, run_benchmark
-from rledit.bench_report import markdown_table, plot_curves, write_report, write_run
+from rledit.bench_report import markdown_table, plot_curves, speed_table, write_report, write_run
 from rledit.cli import main
 from rledit.data import DataError
 from rledit.deltas import model_hash
@@ -40,6 +40,8 @@ def test_results_have_every_field_and_the_model_is_left_as_it_was(tokenizer, tmp
     assert len(records.read_text().splitlines()) == 4 + 2 + 4  # unedited, curve after step 1, after step 2
     table = markdown_table([summary])
     assert "| unedited |" in table and "| rledit |" in table
+    speed = speed_table([summary]).splitlines()
+    assert len(speed) == 3 and speed[2].startswith("| rledit | ") and speed[2].count("|") == 10
     assert summary["method_setup"] == {}  # rledit builds no statistics; memit's are in test_methods_locate_then_edit
     assert plot_curves([summary], tmp_path / "curves.png").stat().st_size > 0
 
@@ -52,7 +54,8 @@ def test_a_results_folder_tabulates_every_run_of_its_stream_and_rejects_another(
     write_run(tmp_path / "rledit.json", trained, result)  # ... and this one by another
     table, _ = write_report(tmp_path)
     rows = [line.split("|")[1].strip() for line in table.read_text().splitlines() if line.startswith("| ")]
-    assert rows == ["method", "unedited", "rledit:some-editor", "ultraedit"]
+    assert rows == ["method", "unedited", "rledit:some-editor", "ultraedit"] + ["method", "rledit:some-editor",
+                                                                              "ultraedit"]  # quality, then speed
     write_run(tmp_path / "longer.json", {**summary, "steps": 2}, result)
     with pytest.raises(ValueError, match="steps"):
         write_report(tmp_path)
