@@ -33,6 +33,24 @@ def headline_metrics(summaries: Sequence[dict[str, Any]]) -> list[str]:
     return [m for m in METRIC_ORDER if m in present]
 
 
+def edited_summary(summary: dict[str, Any]) -> str:
+    """The edited modules of a run, short: ``L24-27 gate_proj, up_proj`` (layers as a range when contiguous)."""
+    layers, kinds = set(), []
+    for name in summary.get("edited_modules", []):
+        numbers = [part for part in name.split(".") if part.isdigit()]
+        if numbers:
+            layers.add(int(numbers[-1]))
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in kinds:
+            kinds.append(kind)
+    if not layers:
+        return ", ".join(kinds)
+    ordered = sorted(layers)
+    contiguous = ordered == list(range(ordered[0], ordered[-1] + 1)) and len(ordered) > 1
+    span = f"L{ordered[0]}-{ordered[-1]}" if contiguous else "L" + ",".join(map(str, ordered))
+    return f"{span} {', '.join(kinds)}"
+
+
 def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
     """One row for the unedited model and one per run: headline metrics, seconds per edit, ratio to the floor,
     set-up seconds of the run, and the seconds computing corpus statistics took (computed once, then cached)."""
@@ -42,17 +60,17 @@ def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
     metrics = headline_metrics(summaries)
     head = (f"{first['model']}, {first['dataset']} ({first['split']}), {first['steps']} steps x {first['batch']} "
             f"edits = {first['n_edits']}, timing `{first['timing']}`, `{first['protocol']}`, seed {first['seed']}")
-    lines = [head, "", "| method | " + " | ".join(metrics) + " | apply s/edit | apply/floor | setup s | statistics s |",
-             "|---|" + "---:|" * (len(metrics) + 4)]
+    lines = [head, "", "| method | " + " | ".join(metrics) + " | apply s/edit | apply/floor | setup s | statistics s | edits |",
+             "|---|" + "---:|" * (len(metrics) + 4) + "---|"]
     unedited = " | ".join(f"{first['unedited'].get(m, float('nan')):.1f}" for m in metrics)
-    lines.append(f"| unedited | {unedited} | | | | |")
+    lines.append(f"| unedited | {unedited} | | | | | |")
     for s in summaries:
         values = " | ".join(f"{s['metrics'].get(m, float('nan')):.1f}" for m in metrics)
         per_edit = s["seconds"]["apply_total"] / s["n_edits"]
         statistics = s.get("method_setup", {}).get("statistics")
         computed = f"{statistics['compute_seconds']:.0f}" if statistics else ""
         lines.append(f"| {s['name']} | {values} | {per_edit:.4f} | {s['apply_over_floor']:.2f} | "
-                     f"{s['seconds']['setup']:.1f} | {computed} |")
+                     f"{s['seconds']['setup']:.1f} | {computed} | {edited_summary(s)} |")
     return "\n".join(lines) + "\n"
 
 

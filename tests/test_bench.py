@@ -8,7 +8,14 @@ import torch
 from tiny import tiny_model
 
 from rledit.bench import BenchSpec, check_spec, run_benchmark
-from rledit.bench_report import markdown_table, plot_curves, speed_table, write_report, write_run
+from rledit.bench_report import (
+    edited_summary,
+    markdown_table,
+    plot_curves,
+    speed_table,
+    write_report,
+    write_run,
+)
 from rledit.cli import main
 from rledit.data import DataError
 from rledit.deltas import model_hash
@@ -42,7 +49,9 @@ def test_results_have_every_field_and_the_model_is_left_as_it_was(tokenizer, tmp
     assert "| unedited |" in table and "| rledit |" in table
     speed = speed_table([summary]).splitlines()
     assert len(speed) == 3 and speed[2].startswith("| rledit | ") and speed[2].count("|") == 10
-    assert summary["method_setup"] == {}  # rledit builds no statistics; memit's are in test_methods_locate_then_edit
+    assert summary["method_setup"] == {}
+    assert edited_summary(summary) == "L0-3 gate_proj, up_proj" and table.splitlines()[-1].endswith("up_proj |")
+    assert edited_summary({"edited_modules": ["h.0.mlp.c_fc", "h.3.mlp.c_fc"]}) == "L0,3 c_fc"
     assert plot_curves([summary], tmp_path / "curves.png").stat().st_size > 0
 
 
