@@ -12,18 +12,22 @@ bench() { .venv/bin/rledit bench --model smollm2-135m --split eval --layers 24 2
 # zsRE eval, 50 steps x 20 edits, retention curve every 25 steps, headline zsre-token-acc@1
 ZSRE=(--data zsre --steps 50 --batch 20 --eval-every 25 --protocols zsre-token-acc@1 --out benchmarks/results/zsre-50x20)
 bench "${ZSRE[@]}" --methods rledit:smollm2-135m-zsre,malmen:smollm2-135m-zsre-malmen,rledit,ultraedit,mend,ft
-bench "${ZSRE[@]}" --methods memit
-bench "${ZSRE[@]}" --methods alphaedit
+# MEMIT and AlphaEdit edit down_proj of layers 18-21, where the key statistics leave AlphaEdit a real null space
+# (at layers 24-27 they do not: benchmarks/results/tuning)
+bench "${ZSRE[@]}" --methods memit --layers 18 19 20 21
+bench "${ZSRE[@]}" --methods alphaedit --layers 18 19 20 21
 
 # CounterFact edit split, 50 steps x 20 edits, headline cf-prob@1 (the MALMEN-style editor is the zsRE-trained one)
 CF=(--data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20)
 bench "${CF[@]}" --methods rledit:smollm2-135m-counterfact,rledit,ultraedit
 bench "${CF[@]}" --methods malmen:smollm2-135m-zsre-malmen,mend,ft
-bench "${CF[@]}" --methods memit
-bench "${CF[@]}" --methods alphaedit
+bench "${CF[@]}" --methods memit --layers 18 19 20 21
+bench "${CF[@]}" --methods alphaedit --layers 18 19 20 21
 
 # 2,000 sequential edits: CounterFact edit split, 100 steps x 20 edits, retention curve every 50 steps. (zsRE
 # cannot run 100 x 20: the bundled eval split holds 1,037 records, and both zsRE eval files together 1,570 distinct
 # ones; `rledit bench` refuses a stream longer than its data.)
 bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-prob@1 \
-  --methods rledit:smollm2-135m-counterfact,malmen:smollm2-135m-zsre-malmen,alphaedit --out benchmarks/results/counterfact-100x20
+  --methods rledit:smollm2-135m-counterfact,malmen:smollm2-135m-zsre-malmen --out benchmarks/results/counterfact-100x20
+bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-prob@1 --methods alphaedit --layers 18 19 20 21 \
+  --out benchmarks/results/counterfact-100x20
