@@ -51,9 +51,19 @@ def edited_summary(summary: dict[str, Any]) -> str:
     return f"{span} {', '.join(kinds)}"
 
 
+def statistics_cell(summary: dict[str, Any]) -> str:
+    """Seconds computing the run's corpus statistics took (computed once, then cached); empty without any."""
+    statistics = summary.get("method_setup", {}).get("statistics")
+    return f"{statistics['compute_seconds']:.0f}" if statistics else ""
+
+
+def seconds_per_edit(summary: dict[str, Any]) -> float:
+    return summary["seconds"]["apply_total"] / summary["n_edits"]
+
+
 def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
     """One row for the unedited model and one per run: headline metrics, seconds per edit, ratio to the floor,
-    set-up seconds of the run, and the seconds computing corpus statistics took (computed once, then cached)."""
+    set-up seconds, statistics seconds (:func:`statistics_cell`) and the edited modules (:func:`edited_summary`)."""
     if not summaries:
         raise ValueError("no benchmark results to tabulate")
     first = summaries[0]
@@ -66,11 +76,8 @@ def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
     lines.append(f"| unedited | {unedited} | | | | | |")
     for s in summaries:
         values = " | ".join(f"{s['metrics'].get(m, float('nan')):.1f}" for m in metrics)
-        per_edit = s["seconds"]["apply_total"] / s["n_edits"]
-        statistics = s.get("method_setup", {}).get("statistics")
-        computed = f"{statistics['compute_seconds']:.0f}" if statistics else ""
-        lines.append(f"| {s['name']} | {values} | {per_edit:.4f} | {s['apply_over_floor']:.2f} | "
-                     f"{s['seconds']['setup']:.1f} | {computed} | {edited_summary(s)} |")
+        lines.append(f"| {s['name']} | {values} | {seconds_per_edit(s):.4f} | {s['apply_over_floor']:.2f} | "
+                     f"{s['seconds']['setup']:.1f} | {statistics_cell(s)} | {edited_summary(s)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -82,12 +89,10 @@ def speed_table(summaries: Sequence[dict[str, Any]]) -> str:
     lines = [header, "|---|" + "---:|" * 8]
     for s in summaries:
         sec = s["seconds"]
-        statistics = s.get("method_setup", {}).get("statistics")
-        computed = f"{statistics['compute_seconds']:.0f}" if statistics else ""
         lines.append(f"| {s['name']} | {sec['apply_step_median']:.2f} | {sec['floor_step_median']:.2f} | "
                      f"{s['apply_over_floor']:.2f} | {sec['apply_first5_median']:.2f} → "
-                     f"{sec['apply_last5_median']:.2f} | {sec['apply_total'] / s['n_edits']:.4f} | "
-                     f"{sec['setup']:.1f} | {computed} | {s['peak_rss_mb']:.0f} |")
+                     f"{sec['apply_last5_median']:.2f} | {seconds_per_edit(s):.4f} | "
+                     f"{sec['setup']:.1f} | {statistics_cell(s)} | {s['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
