@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rledit.eval import LifelongResult
-from rledit.eval.results import write_text_atomically
+from rledit.files import save_figure, write_text_atomically
 
 METRIC_ORDER = ("efficacy", "generalization", "locality", "specificity", "neighborhood")
 
@@ -120,9 +120,7 @@ def plot_curves(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path |
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"{runs[0]['model']} on {runs[0]['dataset']}: retention of all edits so far", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    path = save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rledit
-from rledit.deltas import atomic_directory
+from rledit.files import atomic_directory
 from rledit.targets import EditTarget
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "editors"

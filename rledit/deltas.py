@@ -22,8 +22,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rledit.files import atomic_directory
 from rledit.targets import EditTarget
 
 FORMAT = "rledit-delta-store"
@@ -517,27 +516,3 @@ def _read_meta(folder: Path) -> dict:
     if not isinstance(meta.get("fingerprint"), dict):
         raise DeltaError(f"{meta_file} has no model fingerprint")
     return meta
-
-
-@contextlib.contextmanager
-def atomic_directory(path: Path, marker: str) -> Iterator[Path]:
-    """Yield a temporary folder next to ``path``; on success it replaces ``path`` in one rename.
-
-    An existing ``path`` is replaced only if it is empty or holds ``marker`` (an earlier save of that kind).
-    """
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).exists())):
-        raise DeltaError(f"{path} exists and is not an earlier save of this kind; choose another folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield folder
-        folder.chmod(0o755)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "previous")
-            os.replace(folder, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(folder, path)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)

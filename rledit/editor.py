@@ -24,7 +24,8 @@ from torch import nn
 
 import rledit
 from rledit.checkpoints import read_checkpoint, write_checkpoint
-from rledit.deltas import DeltaError, DeltaStore, atomic_directory
+from rledit.deltas import DeltaError, DeltaStore
+from rledit.files import atomic_directory
 from rledit.hooks import capture_features
 from rledit.methods import EditMethod, get_method
 from rledit.targets import EditTarget, resolve_targets

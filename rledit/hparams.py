@@ -32,6 +32,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from rledit.files import write_text_atomically
+
 SECTIONS = ("model", "method", "data", "experiment")
 COMMAND_LINE = "command line"
 HPARAMS_DIR = Path(__file__).resolve().parents[1] / "hparams"  # the shipped YAML (in a source checkout)
@@ -484,7 +486,6 @@ def load_section(path: str | Path, section: str, cls: type | None = None, overri
 def save_hparams(hparams: Hparams, path: str | Path) -> None:
     """Write ``hparams`` as a self-contained YAML file (no ``defaults:``) that loads back to an equal object."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     origin = f", composed from {hparams.source}" if hparams.source else ""
     header = f"# rledit hparams {hparams.digest()}{origin}\n# load with: rledit.hparams.load_hparams({str(path)!r})\n"
-    path.write_text(header + yaml.safe_dump(hparams.to_dict(), sort_keys=False))
+    write_text_atomically(path, header + yaml.safe_dump(hparams.to_dict(), sort_keys=False))

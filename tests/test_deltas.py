@@ -139,7 +139,7 @@ def test_save_load_round_trip(llama, tokenizer, tmp_path):
 
     other_model = tiny_model("llama")
     other = DeltaStore(other_model, _targets(other_model))
-    with pytest.raises(DeltaError, match="not an earlier save"):
+    with pytest.raises(FileExistsError, match="not an earlier save"):
         (tmp_path / "foreign").mkdir()
         (tmp_path / "foreign" / "notes.txt").write_text("keep me")
         other.save(tmp_path / "foreign")

@@ -13,10 +13,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import rledit
+from rledit.files import write_text_atomically
 
 Metrics = dict[str, dict[str, float]]  # protocol id -> metric -> percent
 Counts = dict[str, dict[str, int]]  # protocol id -> metric -> number of examples behind it
@@ -172,17 +171,3 @@ def write_results(path_json: str | Path, result: EvalResult | LifelongResult,
     write_text_atomically(path_records, lines)
     write_text_atomically(path_json, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     return path_json, path_records
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from rledit.files import atomic_file
 
 CACHE_ENV = "RLEDIT_CACHE"
 
@@ -35,14 +36,7 @@ def cached_model(kind: str, settings: dict[str, Any], model: nn.Module, train: C
         model.load_state_dict(load_file(str(path)))
         return path
     train(model)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(handle)
-    try:
-        tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-        save_file(tensors, tmp, metadata={"settings": json.dumps({"kind": kind, **settings}, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    with atomic_file(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"settings": json.dumps({"kind": kind, **settings}, sort_keys=True)})
     return path

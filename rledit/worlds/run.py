@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import rledit
 from rledit.deltas import DeltaStore
+from rledit.files import save_figure, write_text_atomically
 from rledit.worlds.agents import make_agent
 from rledit.worlds.config import AgentSettings, RunSettings
 from rledit.worlds.env import make_world, resolve_layers
@@ -118,8 +119,7 @@ def curve(history: list[dict[str, Any]], utility_name: str, task_name: str) -> l
 def save_results(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     """Write the results JSON to ``out`` and the training plot next to it (same name, ``.png``)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomically(out, json.dumps(result, indent=1) + "\n")
     png = out.with_suffix(".png")
     plot_curves(result, png)
     return out, png
@@ -147,7 +147,7 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
     np.atleast_1d(axes)[0].legend()
     fig.suptitle(f"{result['world']} / {result['task']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

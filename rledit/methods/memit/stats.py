@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from rledit.files import atomic_file
 from rledit.methods.memit.corpus import Corpus, load_corpus
 from rledit.methods.runtime import frozen_model
 from rledit.models import cache_root
@@ -172,17 +171,9 @@ def _read(path: Path, targets: Sequence[EditTarget], device: torch.device) -> Ke
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+    with atomic_file(path) as temporary:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary),
                   metadata={"rledit": json.dumps(meta)})
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like any cached download
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _model_name(model: nn.Module) -> str:

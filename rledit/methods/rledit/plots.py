@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rledit.files import save_figure
+
 
 def plot_training_log(log_path: str | Path, png_path: str | Path) -> Path:
     """Plot loss terms and post-edit token accuracy per episode from ``train_log.jsonl`` into a PNG."""
@@ -31,7 +33,6 @@ def plot_training_log(log_path: str | Path, png_path: str | Path) -> Path:
     ax_acc.set_ylim(0, 100)
     ax_acc.set_title("post-edit token accuracy of the current step", fontsize=10)
     fig.tight_layout()
-    png_path = Path(png_path)
-    fig.savefig(png_path, dpi=110)
+    png_path = save_figure(fig, png_path, dpi=110)
     plt.close(fig)
     return png_path

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rledit.checkpoints import read_checkpoint
+from rledit.files import atomic_file
 from rledit.hooks import answer_token_loss, capture_features
 from rledit.methods.rledit.method import RLEditMethod, factored_frobenius_sq
 from rledit.prefix import Prefix
@@ -249,9 +250,8 @@ class RLEditTrainer:
         state = {"episode": self.episode, "global_step": self.global_step, "order": self.order,
                  "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
                  "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict()}
-        tmp = self.out_dir / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.out_dir / STATE_FILE)
+        with atomic_file(self.out_dir / STATE_FILE) as temporary:
+            torch.save(state, temporary)
         self.editor.save_checkpoint(self.out_dir / f"editor-ep{self.episode:05d}", extra=self._training_facts())
 
     def _load_state(self) -> None:
