@@ -112,14 +112,19 @@ def plot_curves(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path |
         for s in runs:
             points = [(p["n_edits"], p[metric]) for p in s["curve"] if metric in p]
             ax.plot(*zip(*points), marker="o", markersize=3, label=s["name"])
+        if metric in runs[0].get("unedited", {}):  # every run of a folder edits the same stream
+            ax.axhline(runs[0]["unedited"][metric], color="0.4", linestyle="--", linewidth=1,
+                       label="unedited (all edits of the stream)")
         ax.set_title(metric)
         ax.set_xlabel("edits applied")
-        ax.set_ylim(0, 101)
+        ax.set_ylim(0, 103)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{runs[0]['protocol']} (%)")
-    axes[0][-1].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    columns = min(len(labels), 5)
     fig.suptitle(f"{runs[0]['model']} on {runs[0]['dataset']}: retention of all edits so far", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * -(-len(labels) // columns), 1, 1))  # room below for the legend
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=7, frameon=False)
     path = save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
