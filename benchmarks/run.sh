@@ -31,3 +31,15 @@ bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-p
   --methods rledit:smollm2-135m-counterfact,malmen:smollm2-135m-zsre-malmen --out benchmarks/results/counterfact-100x20
 bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-prob@1 --methods alphaedit --layers 18 19 20 21 \
   --out benchmarks/results/counterfact-100x20
+
+# Ablation: is target length behind the zsRE/CounterFact split of locate-then-edit? AlphaEdit on the first 500
+# CounterFact edit records, and on the 1,129 whose target is two or more SmolLM2 tokens, each scored by all three
+# protocols (the CounterFact one, zsRE token accuracy and free generation) on the same edits.
+.venv/bin/python benchmarks/multitoken_counterfact.py benchmarks/results/ablation-cf-multitoken/counterfact_edit_multitoken.json.gz
+for targets in all multitoken; do
+  data=counterfact
+  [ "$targets" = multitoken ] && data=benchmarks/results/ablation-cf-multitoken/counterfact_edit_multitoken.json.gz
+  .venv/bin/rledit bench --model smollm2-135m --split eval --seed 0 --timing curve --steps 25 --batch 20 --eval-every 25 \
+    --data "$data" --protocols cf-prob@1 zsre-token-acc@1 gen-exact@1 --methods alphaedit --layers 18 19 20 21 \
+    --out "benchmarks/results/ablation-cf-multitoken/$targets-targets"
+done

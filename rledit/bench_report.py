@@ -29,8 +29,16 @@ def write_run(path: str | Path, summary: dict[str, Any], result: LifelongResult)
 
 def headline_metrics(summaries: Sequence[dict[str, Any]]) -> list[str]:
     """The headline metric names present in any of ``summaries``, in the usual order."""
-    present = {m for s in summaries for m in s["metrics"]}
+    return _ordered_metrics(s["metrics"] for s in summaries)
+
+
+def _ordered_metrics(score_dicts) -> list[str]:
+    present = {m for scores in score_dicts for m in scores}
     return [m for m in METRIC_ORDER if m in present]
+
+
+def _metric_cells(scores: dict[str, float], metrics: Sequence[str]) -> str:
+    return " | ".join(f"{scores.get(m, float('nan')):.1f}" for m in metrics)
 
 
 def edited_summary(summary: dict[str, Any]) -> str:
@@ -72,13 +80,29 @@ def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
             f"edits = {first['n_edits']}, timing `{first['timing']}`, `{first['protocol']}`, seed {first['seed']}")
     lines = [head, "", "| method | " + " | ".join(metrics) + " | apply s/edit | apply/floor | setup s | statistics s | edits |",
              "|---|" + "---:|" * (len(metrics) + 4) + "---|"]
-    unedited = " | ".join(f"{first['unedited'].get(m, float('nan')):.1f}" for m in metrics)
-    lines.append(f"| unedited | {unedited} | | | | | |")
+    lines.append(f"| unedited | {_metric_cells(first['unedited'], metrics)} | | | | | |")
     for s in summaries:
-        values = " | ".join(f"{s['metrics'].get(m, float('nan')):.1f}" for m in metrics)
-        lines.append(f"| {s['name']} | {values} | {seconds_per_edit(s):.4f} | {s['apply_over_floor']:.2f} | "
+        lines.append(f"| {s['name']} | {_metric_cells(s['metrics'], metrics)} | {seconds_per_edit(s):.4f} | "
+                     f"{s['apply_over_floor']:.2f} | "
                      f"{s['seconds']['setup']:.1f} | {statistics_cell(s)} | {edited_summary(s)} |")
     return "\n".join(lines) + "\n"
+
+
+def other_protocol_tables(summaries: Sequence[dict[str, Any]]) -> str:
+    """The same runs scored by each protocol other than the headline one (``metrics_by_protocol``), one small
+    table per protocol with the unedited row; empty when the runs were scored by the headline protocol alone."""
+    headline = summaries[0]["protocol"]
+    protocols = sorted({p for s in summaries for p in s.get("metrics_by_protocol", {})} - {headline})
+    blocks = []
+    for protocol in protocols:
+        scored = [s for s in summaries if protocol in s["metrics_by_protocol"]]
+        metrics = _ordered_metrics(s["metrics_by_protocol"][protocol] for s in scored)
+        unedited = scored[0].get("unedited_by_protocol", {}).get(protocol, {})
+        lines = [f"`{protocol}`, the same edits:", "", "| method | " + " | ".join(metrics) + " |",
+                 "|---|" + "---:|" * len(metrics), f"| unedited | {_metric_cells(unedited, metrics)} |"]
+        lines += [f"| {s['name']} | {_metric_cells(s['metrics_by_protocol'][protocol], metrics)} |" for s in scored]
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
 
 
 def speed_table(summaries: Sequence[dict[str, Any]]) -> str:
@@ -165,7 +189,7 @@ def load_runs(directory: str | Path) -> list[dict[str, Any]]:
 
 
 def write_report(directory: str | Path) -> tuple[Path, Path | None]:
-    """``table.md`` (quality, then speed) and ``curves.png`` of every run in ``directory`` (see :func:`load_runs`).
+    """``table.md`` (quality by the headline protocol, then by any other, then speed) and ``curves.png`` of every run in ``directory`` (see :func:`load_runs`).
 
     Several ``rledit bench --methods`` processes may fill one folder (e.g. one per core); each rewrites these
     two files over everything the folder holds so far, and ``rledit bench-report FOLDER`` does the same alone.
@@ -173,5 +197,7 @@ def write_report(directory: str | Path) -> tuple[Path, Path | None]:
     directory = Path(directory)
     summaries = load_runs(directory)
     table = directory / "table.md"
-    write_text_atomically(table, markdown_table(summaries) + "\nSpeed:\n\n" + speed_table(summaries))
+    others = other_protocol_tables(summaries)
+    text = markdown_table(summaries) + (f"\n{others}" if others else "") + "\nSpeed:\n\n" + speed_table(summaries)
+    write_text_atomically(table, text)
     return table, plot_curves(summaries, directory / "curves.png")

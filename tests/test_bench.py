@@ -70,6 +70,23 @@ def test_a_results_folder_tabulates_every_run_of_its_stream_and_rejects_another(
         write_report(tmp_path)
 
 
+def test_the_table_shows_every_protocol_the_runs_were_scored_by(tokenizer, tmp_path):
+    spec = BenchSpec(method="ultraedit", data="zsre", steps=1, batch=2,
+                     protocols=["zsre-token-acc@1", "gen-exact@1"])
+    summary, result = run_benchmark(tiny_model("llama"), tokenizer, "tiny-llama", spec, progress=False)
+    write_run(tmp_path / "ultraedit.json", summary, result)
+    table, _ = write_report(tmp_path)
+    text = table.read_text()
+    assert text.index("`zsre-token-acc@1`, seed 0") < text.index("`gen-exact@1`, the same edits:") < text.index("Speed:")
+    block = text.split("`gen-exact@1`, the same edits:")[1].split("Speed:")[0].strip().splitlines()
+    assert block[0] == "| method | efficacy | generalization | locality |"
+    unedited, edited = summary["unedited_by_protocol"]["gen-exact@1"], summary["metrics_by_protocol"]["gen-exact@1"]
+    assert block[2] == f"| unedited | {unedited['efficacy']:.1f} | {unedited['generalization']:.1f} | 100.0 |"
+    assert block[3] == (f"| ultraedit | {edited['efficacy']:.1f} | {edited['generalization']:.1f} | "
+                        f"{edited['locality']:.1f} |")
+    assert "the same edits" not in markdown_table([summary])  # the headline table stays as it was
+
+
 def test_bad_benchmarks_fail_before_any_work(tmp_path):
     with pytest.raises(UnknownMethodError, match="registered methods"):
         check_spec(BenchSpec(method="rome"))
