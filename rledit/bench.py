@@ -28,6 +28,7 @@ import rledit
 from rledit.data import EditStream, dataset_file, load_requests
 from rledit.editor import Editor, method_hparams_dict
 from rledit.eval import LifelongResult, run_lifelong
+from rledit.files import file_sha256
 from rledit.methods import get_method
 from rledit.targets import architecture_of
 from rledit.tokens import answer_logits, context_length, encode
@@ -172,6 +173,7 @@ def _results(spec, editor, model_name, stream, result, setup, floors, total) -> 
         "data": spec.data,
         "split": spec.split,
         "data_file": str(dataset_file(spec.data, spec.split)),
+        "data_sha256": file_sha256(dataset_file(spec.data, spec.split)),
         "steps": spec.steps,
         "batch": spec.batch,
         "n_edits": spec.steps * spec.batch,

@@ -126,6 +126,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from rledit.data import dataset_file, load_requests
     from rledit.eval import evaluate, write_results
+    from rledit.files import file_sha256
     from rledit.models import load_model
 
     requests = load_requests(args.data, args.split, limit=args.limit)
@@ -134,7 +135,8 @@ def _eval(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size)
     meta = {"model": loaded.name, "model_revision": loaded.revision, "seed": None,
             "data": {"source": args.data, "split": args.split, "limit": args.limit,
-                     "file": str(dataset_file(args.data, args.split))}}
+                     "file": str(dataset_file(args.data, args.split)),
+                     "sha256": file_sha256(dataset_file(args.data, args.split))}}
     summary, records = write_results(args.out, result, meta)
     print(format_metrics(result.metrics, f"unedited {loaded.name} on {len(requests)} {args.data} records"))
     print(f"summary: {summary}\nper-example records: {records}")

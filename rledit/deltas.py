@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rledit.files import atomic_directory
+from rledit.files import atomic_directory, file_sha256
 from rledit.targets import EditTarget
 
 FORMAT = "rledit-delta-store"
@@ -341,7 +341,7 @@ class DeltaStore:
                 "next_step_id": self._next_id, "steps": steps}
         with atomic_directory(Path(path), META_FILE) as folder:
             save_file(tensors, str(folder / TENSOR_FILE), metadata={"format": "pt"})
-            meta["tensors_sha256"] = _file_sha256(folder / TENSOR_FILE)
+            meta["tensors_sha256"] = file_sha256(folder / TENSOR_FILE)
             (folder / META_FILE).write_text(json.dumps(meta, indent=1))
 
     @classmethod
@@ -373,7 +373,7 @@ class DeltaStore:
         tensor_file = folder / TENSOR_FILE
         if not tensor_file.is_file():
             raise DeltaError(f"{tensor_file} is missing; the folder is incomplete")
-        if _file_sha256(tensor_file) != meta.get("tensors_sha256"):
+        if file_sha256(tensor_file) != meta.get("tensors_sha256"):
             raise DeltaError(f"{tensor_file} does not match its checksum in {META_FILE}: corrupted")
         try:
             tensors = load_file(str(tensor_file))
@@ -489,14 +489,6 @@ def _sum_steps(steps: Mapping[int, Mapping[str, ModuleUpdate]], name: str) -> to
         if name in updates:
             total = _accumulate(total, updates[name].product())
     return total
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_meta(folder: Path) -> dict:

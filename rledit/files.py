@@ -1,4 +1,4 @@
-"""Atomic saves: a file or folder appears whole under its final name, or not at all.
+"""Atomic saves (a file or folder appears whole under its final name, or not at all) and file digests.
 
 Everything rledit writes (results, tables, plots, delta stores, checkpoints, cached statistics) goes through
 these helpers: the content is written under a temporary name in the destination folder, then moved into place
@@ -9,6 +9,7 @@ process umask (a bare ``mkstemp`` would make them private to the user).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -82,3 +83,16 @@ def save_figure(fig: object, path: str | os.PathLike, dpi: int = 110) -> Path:
     with atomic_file(path) as temporary:
         fig.savefig(temporary, dpi=dpi, format="png")  # the temporary name has no .png suffix to infer it from
     return path
+
+
+def feed_file(digest, path: str | os.PathLike):
+    """Update the hashlib ``digest`` with the bytes of the file at ``path`` (read in 1 MiB blocks); return it."""
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of the file at ``path``."""
+    return feed_file(hashlib.sha256(), path).hexdigest()

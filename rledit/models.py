@@ -28,6 +28,8 @@ from typing import Any, BinaryIO
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from rledit.files import feed_file
+
 CACHE_ENV = "RLEDIT_CACHE"
 CACHE_MARKER = "rledit-model.json"
 PARTIAL_PREFIX = ".partial-"
@@ -260,9 +262,7 @@ def _folder_revision(folder: Path) -> str:
     weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
     for file in [folder / "config.json", *weights]:
         digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        feed_file(digest, file)
     return f"sha256:{digest.hexdigest()[:12]}"
 
 

@@ -1,5 +1,6 @@
 """The lifelong benchmark: every results field, errors before any work, and a real two-method run."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def test_results_have_every_field_and_the_model_is_left_as_it_was(tokenizer, tmp
     summary, result = run_benchmark(model, tokenizer, "tiny-llama", spec, progress=False)
     assert FIELDS <= set(summary) and SECONDS <= set(summary["seconds"])
     assert (summary["dataset"], summary["protocol"], summary["n_edits"]) == ("zsre", "zsre-token-acc@1", 4)
+    assert summary["data_sha256"] == hashlib.sha256(Path(summary["data_file"]).read_bytes()).hexdigest()
     assert {"efficacy", "generalization", "locality", "specificity"} <= set(summary["metrics"])
     assert summary["unedited"]["locality"] == 100.0
     assert [p["n_edits"] for p in summary["curve"]] == [2, 4]

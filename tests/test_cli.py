@@ -1,5 +1,6 @@
 """The ``rledit`` command line: ``eval`` writes an honest summary, ``demo`` edits the real model."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def test_eval_writes_summary_with_every_metric(tiny_folder, tmp_path, capsys):
     summary = json.loads(out.read_text())
     assert summary["timing"] == "unedited" and summary["n_examples"] == 3
     assert summary["model"] == str(tiny_folder) and summary["data"]["file"].endswith("zsre_rledit.jsonl")
+    assert summary["data"]["sha256"] == hashlib.sha256((DATA / "zsre_rledit.jsonl").read_bytes()).hexdigest()
     token = summary["metrics"]["zsre-token-acc@1"]
     assert set(token) >= {"efficacy", "generalization", "locality", "specificity"}
     assert token["locality"] == 100.0  # the unedited model agrees with itself

@@ -1,12 +1,13 @@
-"""Atomic saves: whole or nothing, no temporary left behind, ordinary permissions."""
+"""Atomic saves: whole or nothing, no temporary left behind, ordinary permissions; file digests."""
 
+import hashlib
 import os
 import stat
 
 import matplotlib
 import pytest
 
-from rledit.files import atomic_directory, atomic_file, save_figure, write_text_atomically
+from rledit.files import atomic_directory, atomic_file, file_sha256, save_figure, write_text_atomically
 
 matplotlib.use("Agg")
 
@@ -66,3 +67,11 @@ def test_save_figure_writes_a_png_under_a_temporary_name_first(tmp_path):
     plt.close(fig)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_file_sha256_reads_past_one_block(tmp_path):
+    data = os.urandom((1 << 20) + 123)  # one full 1 MiB block and a short one
+    (tmp_path / "blob").write_bytes(data)
+    assert file_sha256(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
+    (tmp_path / "empty").write_bytes(b"")
+    assert file_sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
