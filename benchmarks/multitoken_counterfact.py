@@ -12,7 +12,7 @@ import argparse
 import gzip
 import json
 
-from rledit.data import dataset_file
+from rledit.data import dataset_file, read_records
 from rledit.files import atomic_file
 from rledit.models import load_model
 from rledit.tokens import target_token_ids
@@ -26,8 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = load_model(args.model).tokenizer
     source = dataset_file("counterfact", "eval")
-    with gzip.open(source, "rt", encoding="utf-8") as f:
-        records = json.load(f)
+    records = read_records(source)
     kept = [r for r in records
             if len(target_token_ids(tokenizer, r["prompt"], r["target_new"])[1]) >= args.min_tokens]
     with atomic_file(args.out) as tmp:  # mtime=0: the same records give the same bytes

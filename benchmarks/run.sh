@@ -32,9 +32,9 @@ bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-p
 bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-prob@1 --methods alphaedit --layers 18 19 20 21 \
   --out benchmarks/results/counterfact-100x20
 
-# Ablation: is target length behind the zsRE/CounterFact split of locate-then-edit? AlphaEdit on the first 500
-# CounterFact edit records, and on the 1,129 whose target is two or more SmolLM2 tokens, each scored by all three
-# protocols (the CounterFact one, zsRE token accuracy and free generation) on the same edits.
+# Ablation: is target length behind the zsRE/CounterFact split of locate-then-edit? AlphaEdit on 500 edits (seed-0
+# stream) from the CounterFact edit split, and from its 1,129 records whose target is two or more SmolLM2 tokens,
+# each scored by all three protocols (the CounterFact one, zsRE token accuracy and free generation) on the same edits.
 .venv/bin/python benchmarks/multitoken_counterfact.py benchmarks/results/ablation-cf-multitoken/counterfact_edit_multitoken.json.gz
 for targets in all multitoken; do
   data=counterfact

@@ -156,6 +156,7 @@ def speed(timed: Sequence[float], floors: Sequence[float]) -> dict[str, float]:
 def _results(spec, editor, model_name, stream, result, setup, floors, total) -> dict[str, Any]:
     kind = dataset_kind(stream.edits)
     headline = HEADLINE[kind] if HEADLINE[kind] in result.protocols else result.protocols[0]
+    data_file = dataset_file(spec.data, spec.split)
 
     def headline_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
         return {k: round(v, 2) for k, v in metrics.get(headline, {}).items()}
@@ -172,8 +173,8 @@ def _results(spec, editor, model_name, stream, result, setup, floors, total) -> 
         "dataset": kind,
         "data": spec.data,
         "split": spec.split,
-        "data_file": str(dataset_file(spec.data, spec.split)),
-        "data_sha256": file_sha256(dataset_file(spec.data, spec.split)),
+        "data_file": str(data_file),
+        "data_sha256": file_sha256(data_file),
         "steps": spec.steps,
         "batch": spec.batch,
         "n_edits": spec.steps * spec.batch,

@@ -189,7 +189,8 @@ def load_runs(directory: str | Path) -> list[dict[str, Any]]:
 
 
 def write_report(directory: str | Path) -> tuple[Path, Path | None]:
-    """``table.md`` (quality by the headline protocol, then by any other, then speed) and ``curves.png`` of every run in ``directory`` (see :func:`load_runs`).
+    """``table.md`` (quality by the headline protocol, then by any other, then speed) and ``curves.png`` of every
+    run in ``directory`` (see :func:`load_runs`).
 
     Several ``rledit bench --methods`` processes may fill one folder (e.g. one per core); each rewrites these
     two files over everything the folder holds so far, and ``rledit bench-report FOLDER`` does the same alone.

@@ -133,10 +133,10 @@ def _eval(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=args.dtype)
     result = evaluate(loaded.model, loaded.tokenizer, requests, protocols=args.protocols,
                       batch_size=args.batch_size)
+    data_file = dataset_file(args.data, args.split)
     meta = {"model": loaded.name, "model_revision": loaded.revision, "seed": None,
             "data": {"source": args.data, "split": args.split, "limit": args.limit,
-                     "file": str(dataset_file(args.data, args.split)),
-                     "sha256": file_sha256(dataset_file(args.data, args.split))}}
+                     "file": str(data_file), "sha256": file_sha256(data_file)}}
     summary, records = write_results(args.out, result, meta)
     print(format_metrics(result.metrics, f"unedited {loaded.name} on {len(requests)} {args.data} records"))
     print(f"summary: {summary}\nper-example records: {records}")
