@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import rledit
 from rledit.files import atomic_directory
+from rledit.methods.memory import split_memory_state
 from rledit.targets import EditTarget
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "editors"
@@ -94,7 +95,8 @@ def read_checkpoint(name_or_path: str | Path) -> Checkpoint:
 
 def write_checkpoint(path: str | Path, method: Any, targets: Sequence[EditTarget], model_name: str,
                      extra: Mapping[str, Any]) -> Path:
-    """Write ``method``'s state and description as a checkpoint folder, atomically."""
+    """Write ``method``'s learned state (without the key memory of applied steps) and description as a
+    checkpoint folder, atomically."""
     hparams = getattr(method, "hparams", None)
     meta = {
         "format": FORMAT,
@@ -108,7 +110,8 @@ def write_checkpoint(path: str | Path, method: Any, targets: Sequence[EditTarget
         "targets": [[t.name, t.d_in, t.d_out] for t in targets],
         "extra": dict(extra),
     }
-    state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    trained, _ = split_memory_state(method.state_dict())  # what was learned, not the edits' key memory
+    state = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
     with atomic_directory(Path(path), META_FILE) as folder:
         save_file(state, str(folder / STATE_FILE))
         (folder / META_FILE).write_text(json.dumps(meta, indent=1))

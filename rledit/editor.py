@@ -141,11 +141,15 @@ class Editor:
         batch = encode(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
                        max_length=context_length(self.model))
         method_state = {k: v.clone() for k, v in self.method.state_dict().items()}
+        step_id = None
         try:
             features = capture_features(self.model, self.targets, batch) if self.method.uses_features else None
             updates = self.method.compute_step(self.model, self.tokenizer, self.targets, requests, features)
             step_id = self.store.add(updates)
+            self.method.step_applied(step_id)
         except BaseException:
+            if step_id is not None:
+                self.store.revert(step_id)
             self.method.load_state_dict(method_state)
             raise
         step = EditStep(id=step_id, n_edits=len(requests), ranks=self.store.rank(step_id),
@@ -157,6 +161,7 @@ class Editor:
         """Remove one applied step exactly (the other steps stay applied)."""
         step_id = step.id if isinstance(step, EditStep) else step
         self.store.revert(step_id)
+        self.method.step_reverted(step_id)
         self.history.pop(step_id, None)
 
     @property

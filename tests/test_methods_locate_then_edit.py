@@ -162,7 +162,8 @@ def test_alphaedit_update_lies_in_the_null_space_and_solves_the_projected_proble
     method.after_statistics([type("Target", (), {"name": name})()])
     generator = torch.Generator().manual_seed(2)
     earlier = torch.randn(2, 5, generator=generator)
-    method.after_step({name: earlier})  # the cache now holds K_pᵀK_p of an earlier step
+    method.after_step({name: earlier})
+    method.step_applied(0)  # the cache now holds K_pᵀK_p of an earlier, applied step
     keys, residuals = torch.randn(3, 5, generator=generator), torch.randn(3, 4, generator=generator)
     u, v = method.solve(name, keys, residuals)
     delta, k, r, kp = (u @ v).double(), keys.double(), residuals.double(), earlier.double()
@@ -172,7 +173,8 @@ def test_alphaedit_update_lies_in_the_null_space_and_solves_the_projected_proble
     projection = method.projections[name]  # stationary for min over ΔW = PΔW of the AlphaEdit objective
     gradient = projection @ (k.T @ (k @ delta - r) + kp.T @ kp @ delta) + 0.5 * delta
     assert gradient.abs().max() < 1e-5
-    assert torch.allclose(method.state_dict()["edited_keys_gram/" + name], kp.T @ kp)
+    assert torch.allclose(method.edited_keys.gram(name), kp.T @ kp)
+    assert torch.equal(method.state_dict()["key_memory/0/" + name], earlier)
     assert eigenvalues[2] < 1e-2 <= eigenvalues[1]
 
 
@@ -181,17 +183,24 @@ def test_alphaedit_caches_edited_keys_across_steps_and_saves_them(tokenizer, tmp
     names = [t.name for t in editor.targets]
     assert all(0 < editor.method.nullspace_dims[n] < 64 for n in names)
     assert editor.method.setup_report()["nullspace_dims"] == editor.method.nullspace_dims
-    editor.apply(REQUESTS)
-    grams = editor.method.state_dict()
-    assert [int(torch.linalg.matrix_rank(grams["edited_keys_gram/" + n])) for n in names] == [2, 2]
-    editor.apply([{**REQUESTS[0], "target_new": "German"}])  # same subject: same key at the first layer
-    grams = editor.method.state_dict()
-    assert int(torch.linalg.matrix_rank(grams["edited_keys_gram/" + names[0]], rtol=1e-6)) == 2
+    memory = editor.method.edited_keys
+    first = editor.apply(REQUESTS)
+    assert [int(torch.linalg.matrix_rank(memory.gram(n))) for n in names] == [2, 2]
+    after_first = {n: memory.gram(n).clone() for n in names}
+    second = editor.apply([{**REQUESTS[0], "target_new": "German"}])  # same subject: same key at the first layer
+    assert int(torch.linalg.matrix_rank(memory.gram(names[0]), rtol=1e-6)) == 2
+    state = editor.method.state_dict()
     editor.save(tmp_path / "edited")
     loaded = Editor.load(tmp_path / "edited", model=peaked_tiny_llama(), tokenizer=tokenizer)
-    assert all(torch.equal(v, grams[k]) for k, v in loaded.method.state_dict().items())
+    assert loaded.method.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.method.state_dict().items())
+    loaded.revert(second.id)  # a reverted step's keys leave the cache, exactly
+    assert all(torch.equal(loaded.method.edited_keys.gram(n), after_first[n]) for n in names)
+    editor.revert(first.id)
+    editor.revert(second.id)
+    assert all(not memory.gram(n).any() for n in names) and len(memory) == 0
     with pytest.raises(UpdateError, match="does not fit the edited modules"):
-        loaded.method.load_state_dict({})
+        loaded.method.load_state_dict({"edited_keys_gram/" + names[0]: torch.zeros(64, 64)})
 
 
 def test_alphaedit_refuses_an_empty_null_space(tokenizer):

@@ -14,7 +14,9 @@ A method implements exactly one of two entry points:
   ``uses_features = False`` and the editor passes ``features=None`` (and skips the capture).
 
 The editor always calls :meth:`compute_step`; its default forwards to :meth:`compute_updates`. Optional
-hooks: :meth:`prepare` (once, before the first step: build networks, estimate statistics) and
+hooks: :meth:`prepare` (once, before the first step: build networks, estimate statistics),
+:meth:`step_applied` / :meth:`step_reverted` / :meth:`steps_cleared` (what happened to the computed steps, for
+methods that remember earlier ones) and
 :meth:`state_dict` / :meth:`load_state_dict` for methods whose state must be saved with the editor (plain
 tensors, safetensors-compatible). Training a learned editor is not part of this contract: it lives in the
 method's own trainer module.
@@ -82,6 +84,16 @@ class EditMethod:
         if features is None:
             raise UpdateError(f"method {self.name!r} needs the step's features; the editor passed none")
         return self.compute_updates(features, targets)
+
+    def step_applied(self, step_id: int) -> None:
+        """Called by the editor right after the step computed last was applied as ``step_id``. Methods that
+        remember earlier steps (a key memory) record it here. Default: nothing."""
+
+    def step_reverted(self, step_id: int) -> None:
+        """Called by the editor after step ``step_id`` was reverted. Default: nothing."""
+
+    def steps_cleared(self) -> None:
+        """Called when every step was removed at once (a reset store, a new training episode). Default: nothing."""
 
     def setup_report(self) -> dict[str, Any]:
         """JSON-ready facts about what :meth:`prepare` built (e.g. corpus statistics, where they came from and

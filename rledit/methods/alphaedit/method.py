@@ -7,10 +7,9 @@
   moment C = E[k kᵀ] whose eigenvalues are below ``nullspace_threshold``. Since U = P(…) lies in the range of
   P, k ΔW ≈ 0 for the keys the corpus stands for: the update leaves preserved knowledge (nearly) untouched,
   which is why AlphaEdit needs no covariance weight.
-* K_pᵀK_p is the running cache of the keys edited by earlier steps (summed Gram matrices), so a new step also
-  keeps the outputs of earlier edited keys; it is the method's state (saved with the editor). A reverted step
-  stays in the cache: the method does not see reverts, and keeping the keys only makes later updates more
-  conservative on them.
+* K_pᵀK_p is the running cache of the keys edited by earlier steps (summed Gram matrices, a
+  :class:`rledit.methods.memory.KeyMemory`), so a new step also keeps the outputs of earlier edited keys; it
+  is the method's state (saved with the editor), and a reverted step's keys leave it.
 * K (B × d_in): this step's keys at the subjects' last tokens; R (B × d_out): the layer's share of the
   residual to the target values; λ: ``ridge``.
 
@@ -28,9 +27,8 @@ import torch
 from rledit.methods.alphaedit.config import AlphaEditHparams
 from rledit.methods.base import Factors, UpdateError, register_method
 from rledit.methods.memit.method import LocateThenEditMethod
+from rledit.methods.memory import KeyMemory
 from rledit.targets import EditTarget
-
-CACHE_PREFIX = "edited_keys_gram/"
 
 
 def nullspace_projection(second_moment: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
@@ -52,7 +50,7 @@ class AlphaEditMethod(LocateThenEditMethod):
         super().__init__(hparams if hparams is not None else AlphaEditHparams())
         self.projections: dict[str, torch.Tensor] = {}  # module name -> P (d_in × d_in, fp64)
         self.nullspace_dims: dict[str, int] = {}
-        self.edited_keys_gram: dict[str, torch.Tensor] = {}  # module name -> K_pᵀK_p (d_in × d_in, fp64)
+        self.edited_keys = KeyMemory({})  # K_pᵀK_p per module, built in after_statistics
 
     def after_statistics(self, targets: Sequence[EditTarget]) -> None:
         """Build each module's null-space projection and an empty cache of edited keys."""
@@ -69,7 +67,9 @@ class AlphaEditMethod(LocateThenEditMethod):
                 )
             self.projections[target.name] = projection
             self.nullspace_dims[target.name] = dim
-            self.edited_keys_gram[target.name] = torch.zeros_like(second_moment)
+        moments = self.statistics.second_moments
+        self.edited_keys = KeyMemory({t.name: tuple(moments[t.name].shape) for t in targets},
+                                     moments[targets[0].name].device)
 
     def setup_report(self) -> dict[str, Any]:
         """The statistics (see MEMIT) and the null-space dimension of each edited module."""
@@ -81,33 +81,39 @@ class AlphaEditMethod(LocateThenEditMethod):
         keys64 = keys.to(projection.device, torch.float64)
         gram = keys64.T @ keys64
         if self.hparams.cache_edited_keys:
-            gram = gram + self.edited_keys_gram[name]
+            gram = gram + self.edited_keys.gram(name)
         identity = torch.eye(projection.shape[0], dtype=torch.float64, device=projection.device)
         left = torch.linalg.solve(projection @ gram + self.hparams.ridge * identity, projection @ keys64.T)
         return left.to(torch.float32), residuals.to(left.device, torch.float32)
 
     def after_step(self, keys: dict[str, torch.Tensor]) -> None:
-        """Add this step's keys to the cache of edited keys."""
-        for name, step_keys in keys.items():
-            keys64 = step_keys.to(self.edited_keys_gram[name].device, torch.float64)
-            self.edited_keys_gram[name] = self.edited_keys_gram[name] + keys64.T @ keys64
+        """Stage this step's keys; they join the cache of edited keys once the editor applied the step."""
+        self.edited_keys.stage(keys)
+
+    def step_applied(self, step_id: int) -> None:
+        """The step computed last was applied: its keys join the cache."""
+        self.edited_keys.commit(step_id)
+
+    def step_reverted(self, step_id: int) -> None:
+        """A reverted step's keys leave the cache."""
+        self.edited_keys.revert(step_id)
+
+    def steps_cleared(self) -> None:
+        """Every step was removed: the cache is emptied."""
+        self.edited_keys.reset()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The cache of edited keys (one fp64 Gram matrix per edited module)."""
-        return {CACHE_PREFIX + name: gram.detach() for name, gram in self.edited_keys_gram.items()}
+        """The cache of edited keys (the keys of every applied step, per edited module)."""
+        return self.edited_keys.state_dict()
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore the cache saved by :meth:`state_dict` (after ``prepare``, for the same modules)."""
-        own = self.state_dict()
-        wrong = sorted(k for k in own.keys() | state.keys()
-                       if k not in own or k not in state or own[k].shape != state[k].shape)
-        if wrong:
-            raise UpdateError(
-                f"the saved {self.name} state does not fit the edited modules {list(self.edited_keys_gram)}: "
-                f"missing, extra or differently shaped tensors {wrong[:8]}; was it saved for another model or "
-                "module set?"
-            )
-        self.edited_keys_gram = {
-            name: state[CACHE_PREFIX + name].to(gram.device, torch.float64).clone()
-            for name, gram in self.edited_keys_gram.items()
-        }
+        try:
+            unknown = [k for k in state if not k.startswith("key_memory/")]
+            if unknown:
+                raise ValueError(f"entries {sorted(unknown)[:8]} are not a cache of edited keys (a save from an "
+                                 "older rledit holds only summed Gram matrices, which cannot be reverted: re-run)")
+            self.edited_keys.load_state_dict(state)
+        except ValueError as error:
+            raise UpdateError(f"the saved {self.name} state does not fit the edited modules "
+                              f"{list(self.edited_keys.d_in)}: {error}") from error

@@ -30,12 +30,13 @@ from rledit.methods.rledit.net import HyperNetwork
 
 
 class MENDNetwork(HyperNetwork):
-    """RLEdit's hypernetwork without the per-module ridge strengths: MEND's updates need no solve."""
+    """RLEdit's hypernetwork without the per-module ridge strengths and solve weights: MEND's updates need no
+    solve."""
 
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]], rank: int, n_blocks: int, lr_init: float,
                  seed: int = 0):
         super().__init__(module_shapes, rank, n_blocks, lr_init, lambda_init=0.0, seed=seed)
-        del self.ridge_log
+        del self.ridge_log, self.memory_log, self.corpus_log
 
     def ridge(self, name: str) -> torch.Tensor:
         """MEND has no ridge solve; asking for its strength is a programming error."""

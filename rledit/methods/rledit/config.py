@@ -12,6 +12,7 @@ from typing import Literal
 
 NORMALIZER_MODES = ("frozen", "lifelong")
 LOC_REFERENCES = ("previous", "unedited")
+BACKTRACKING = ("window", "sampled")
 
 
 @dataclass
@@ -38,6 +39,23 @@ class TrainHparams:
         train_data: a dataset name known to ``rledit.data`` or a path to a record file of the training split.
         use_edit_prompt_loss: also put the edit prompts' target cross-entropy into CE_gen (not only the
             rephrase prompts).
+        backtracking: which earlier steps the loss at step t covers besides the newest: "window" (the last
+            ``back_depth`` - 1 steps, weighted γ^j, as published) or "sampled" (``back_samples`` steps drawn
+            uniformly without replacement from ALL earlier steps of the episode; their mean loss, an unbiased
+            estimate of the mean over every earlier step, enters with weight ``past_weight``: an edit made 40
+            steps ago stays in the loss at a fixed cost per step).
+        back_samples: k, the number of earlier steps sampled per step ("sampled" backtracking).
+        past_weight: the weight of the sampled earlier steps' mean loss ("sampled" backtracking).
+        warm_start_max: start each episode from a model already carrying m steps applied by the current editor
+            without gradients, m drawn uniformly from 0..warm_start_max (0: always from the unedited model), so
+            that the editor trains on the states it meets late in a lifelong run.
+        validation_size: hold out this many requests of the training split (the last ones of a seeded shuffle;
+            never trained on) as a validation stream; 0: no validation.
+        validate_every: score the validation stream every this many episodes (and after the last); the best
+            scoring editor is saved as ``editor-best``.
+        validation_batch: edits per step of the validation stream (its length is validation_size / this).
+        diverge_factor: stop training when an episode's mean loss is non-finite or above this multiple of the
+            first episode's (0: never stop).
     """
 
     episodes: int = 100
@@ -56,12 +74,29 @@ class TrainHparams:
     seed: int = 0
     train_data: str = "zsre"
     use_edit_prompt_loss: bool = True
+    backtracking: Literal["window", "sampled"] = "window"
+    back_samples: int = 3
+    past_weight: float = 1.0
+    warm_start_max: int = 0
+    validation_size: int = 0
+    validate_every: int = 1
+    validation_batch: int = 20
+    diverge_factor: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("episodes", "steps_per_episode", "batch", "back_depth", "update_every", "checkpoint_every"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         _require(0.0 < self.time_decay <= 1.0, f"train.time_decay must be in (0, 1], got {self.time_decay}")
-        for name in ("loc_coef", "reg_coef"):
+        for name in ("back_samples", "validate_every", "validation_batch"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warm_start_max", "validation_size"):
+            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.validation_size % self.validation_batch == 0,
+                 f"train.validation_size ({self.validation_size}) must be a multiple of train.validation_batch "
+                 f"({self.validation_batch})")
+        _require(self.backtracking in BACKTRACKING,
+                 f"train.backtracking must be one of {BACKTRACKING}, got {self.backtracking!r}")
+        for name in ("loc_coef", "reg_coef", "past_weight", "diverge_factor"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("meta_lr", "scalar_meta_lr", "grad_clip"):
             _require(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
@@ -89,6 +124,13 @@ class RLEditHparams:
         lambda_init: initial per-module ridge log-strength λ[m] (the solve adds e^λ·I).
         normalizer: "frozen" (feature statistics from training only) or "lifelong" (also updated with every
             edit step's features before they are normalised).
+        memory_init: initial β[m] of the memory-aware solve (ALGORITHM.md §4b): the weight of the keys of all
+            earlier applied steps, ΔW_t = (K_tᵀK_t + e^λ I + β C_mem + α C_0)⁻¹ K_tᵀ D_t. Learned on a log scale;
+            0 (the default) turns the memory off and gives the plain solve of §4 exactly.
+        corpus_init: initial α[m], the weight of C_0 = E[k kᵀ], the key second moment over ``corpus`` (the
+            statistics MEMIT/AlphaEdit use, computed once and cached); 0 (default) leaves C_0 out.
+        corpus: the text C_0 is estimated on (see MEMIT's ``corpus``); used only when corpus_init > 0.
+        stats_samples: how many corpus texts C_0 is estimated on.
     """
 
     name: str = "rledit"
@@ -97,6 +139,10 @@ class RLEditHparams:
     lr_init: float = 0.05
     lambda_init: float = 0.0
     normalizer: Literal["frozen", "lifelong"] = "lifelong"
+    memory_init: float = 0.0
+    corpus_init: float = 0.0
+    corpus: str = "sst2"
+    stats_samples: int = 2000
     train: TrainHparams = field(default_factory=TrainHparams)
 
     def __post_init__(self) -> None:
@@ -105,6 +151,9 @@ class RLEditHparams:
         _require(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
         _require(self.n_blocks >= 0, f"n_blocks must be >= 0, got {self.n_blocks}")
         _require(self.lr_init > 0, f"lr_init must be > 0 (it is learned on a log scale), got {self.lr_init}")
+        for name in ("memory_init", "corpus_init"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0 (0 turns the term off), got {getattr(self, name)}")
+        _require(self.stats_samples >= 1, f"stats_samples must be >= 1, got {self.stats_samples}")
         _require(
             self.normalizer in NORMALIZER_MODES,
             f"normalizer must be one of {NORMALIZER_MODES}, got {self.normalizer!r}",

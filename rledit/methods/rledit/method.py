@@ -4,7 +4,10 @@
 2. value shifts: d_i = -lr[m] · <k_i, k~_i> · g~_i, stacked as D (N × d_out);
 3. the ridge solve in factored form: ΔW = Kᵀ Y with Y = (K Kᵀ + e^λ I_N)⁻¹ D, an N×N system (never
    d_in×d_in), which equals the normal-equation solution (KᵀK + e^λ I)⁻¹ Kᵀ D by the push-through identity;
-4. the factors U = Kᵀ (d_in×N) and V = Y (N×d_out) in fp32.
+   with the memory-aware solve (§4b, ``memory_init`` / ``corpus_init`` > 0) the penalty β C_mem + α C_0 joins
+   e^λ I: C_mem, the keys of the earlier applied steps (a :class:`rledit.methods.memory.KeyMemory`), keeps
+   this step from overwriting what they wrote, and C_0, the corpus key statistics, protects unrelated inputs;
+4. the factors U (d_in×N) and V (N×d_out) in fp32.
 
 Everything is differentiable: with gradients enabled, V carries the graph into D, λ and the network, which is
 what the RL trainer backpropagates through. K is the step's (detached) keys. The Gram matrix and the solve
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from rledit.methods.base import EditMethod, StepFeaturesLike, UpdateError, check_updates, register_method
+from rledit.methods.memory import KeyMemory, split_memory_state
 from rledit.methods.rledit.config import MALMENHparams, RLEditHparams
 from rledit.methods.rledit.net import HyperNetwork
 from rledit.targets import EditTarget
@@ -32,21 +36,34 @@ def value_shifts(keys: torch.Tensor, edited_keys: torch.Tensor, edited_grads: to
     return -lr * (keys * edited_keys).sum(-1, keepdim=True) * edited_grads
 
 
-def ridge_factors(keys: torch.Tensor, shifts: torch.Tensor,
-                  ridge_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (U, V) of ΔW = argmin ||K ΔW - D||² + e^λ ||ΔW||², i.e. U = Kᵀ, V = (K Kᵀ + e^λ I_N)⁻¹ D.
+def ridge_factors(keys: torch.Tensor, shifts: torch.Tensor, ridge_log: torch.Tensor,
+                  penalty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (U, V) of ΔW = argmin ||K ΔW - D||² + e^λ ||ΔW||² + tr(ΔWᵀ P ΔW), the one ridge solve of the
+    hypernetwork family (ALGORITHM.md §4, §4b).
 
-    ``keys`` K (N, d_in), ``shifts`` D (N, d_out), ``ridge_log`` λ (scalar tensor). Returns fp32 tensors.
+    ``keys`` K (N, d_in), ``shifts`` D (N, d_out), ``ridge_log`` λ (scalar tensor), ``penalty`` P (d_in × d_in,
+    symmetric positive semi-definite, e.g. β·C_mem + α·C_0) or None. Returns fp32 tensors; differentiable in
+    D, λ and P.
+
+    * Without ``penalty``: U = Kᵀ, V = (K Kᵀ + e^λ I_N)⁻¹ D, an N×N system (push-through identity).
+    * With it, A = e^λ I + P: U = A⁻¹ Kᵀ (d_in × N, by a Cholesky solve of the d_in × d_in system) and
+      V = (K U + I_N)⁻¹ D (Woodbury), so ΔW = U V = (KᵀK + A)⁻¹ Kᵀ D keeps rank ≤ N. Cost O(d_in³ + d_in² N)
+      per module and step: milliseconds at d_in = 576 or 1536.
     """
     keys64 = keys.to(torch.float64)
-    n = keys.shape[0]
-    system = keys64 @ keys64.T + ridge_log.to(torch.float64).exp() * torch.eye(n, dtype=torch.float64,
-                                                                               device=keys.device)
+    n, d_in = keys.shape
+    ridge = ridge_log.to(torch.float64).exp()
     try:
-        solution = torch.linalg.solve(system, shifts.to(torch.float64))
+        if penalty is None:
+            system = keys64 @ keys64.T + ridge * torch.eye(n, dtype=torch.float64, device=keys.device)
+            return keys.T.to(torch.float32), torch.linalg.solve(system, shifts.to(torch.float64)).to(torch.float32)
+        system = penalty.to(torch.float64) + ridge * torch.eye(d_in, dtype=torch.float64, device=keys.device)
+        left = torch.cholesky_solve(keys64.T, torch.linalg.cholesky(system))
+        inner = keys64 @ left + torch.eye(n, dtype=torch.float64, device=keys.device)
+        return left.to(torch.float32), torch.linalg.solve(inner, shifts.to(torch.float64)).to(torch.float32)
     except torch.linalg.LinAlgError as error:
-        raise UpdateError(f"the ridge system K Kᵀ + e^λ I is singular (λ = {float(ridge_log):.3g}): {error}")
-    return keys.T.to(torch.float32), solution.to(torch.float32)
+        raise UpdateError(f"the ridge system is singular or not positive definite (λ = {float(ridge_log):.3g}): "
+                          f"{error}")
 
 
 def factored_frobenius_sq(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -69,12 +86,32 @@ class RLEditMethod(EditMethod):
     def __init__(self, hparams: RLEditHparams | None = None):
         self.hparams = hparams if hparams is not None else self.hparams_class()
         self.hypernet: HyperNetwork | None = None
+        self.memory: KeyMemory | None = None  # keys of the applied steps (memory-aware solve only)
+        self.corpus_moments: dict[str, torch.Tensor] = {}  # C_0 per module (corpus_init > 0 only)
+        self.statistics_report: dict[str, Any] = {}
 
     def prepare(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget]) -> None:
         """Build the hypernetwork for ``targets`` (or check that the loaded one fits them) on the model's
-        device."""
-        self.build({t.name: t.shape for t in targets})
-        self.hypernet.to(next(model.parameters()).device)
+        device, an empty key memory when the solve uses one, and the corpus statistics C_0 when it uses them."""
+        net = self.build({t.name: t.shape for t in targets})
+        device = next(model.parameters()).device
+        net.to(device)
+        hp = self.hparams
+        if getattr(hp, "memory_init", 0) > 0:  # MEND (a subclass) has no solve and no such settings
+            self.memory = KeyMemory(net.module_shapes, device)
+        if getattr(hp, "corpus_init", 0) > 0:
+            from rledit.methods.memit.stats import load_or_compute_statistics
+
+            stats = load_or_compute_statistics(model, tokenizer, targets, hp.corpus, hp.stats_samples, 128, 32,
+                                               "train", "text")
+            self.corpus_moments = {name: m.to(device, torch.float64) for name, m in stats.second_moments.items()}
+            self.statistics_report = {"statistics": {"file": str(stats.path), "cached": stats.cached,
+                                                     "n_texts": stats.n_texts, "n_tokens": stats.n_tokens,
+                                                     "compute_seconds": round(stats.compute_seconds, 3)}}
+
+    def setup_report(self) -> dict[str, Any]:
+        """Where the corpus statistics C_0 came from (when the solve uses them)."""
+        return dict(self.statistics_report)
 
     def build(self, module_shapes: dict[str, tuple[int, int]]) -> HyperNetwork:
         """Create the hypernetwork for ``module_shapes`` (name → (d_in, d_out)) if there is none; if there is
@@ -92,14 +129,40 @@ class RLEditMethod(EditMethod):
     def new_network(self, module_shapes: dict[str, tuple[int, int]]) -> HyperNetwork:
         """A fresh, identity-initialised network for ``module_shapes``."""
         hp = self.hparams
-        return HyperNetwork(module_shapes, hp.rank, hp.n_blocks, hp.lr_init, hp.lambda_init, hp.train.seed)
+        return HyperNetwork(module_shapes, hp.rank, hp.n_blocks, hp.lr_init, hp.lambda_init, hp.train.seed,
+                            hp.memory_init, hp.corpus_init)
+
+    def penalty(self, name: str) -> torch.Tensor | None:
+        """β C_mem + α C_0 of module ``name`` (differentiable in β, α), or None for the plain solve."""
+        net, terms = self.hypernet, []
+        if self.memory is not None and len(self.memory):
+            terms.append(net.memory_weight(name).to(torch.float64) * self.memory.gram(name))
+        if self.corpus_moments:
+            terms.append(net.corpus_weight(name).to(torch.float64) * self.corpus_moments[name])
+        return sum(terms) if terms else None
 
     def module_update(self, name: str, keys: torch.Tensor, edited_keys: torch.Tensor,
                       edited_grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One module's factors from its keys and the network's outputs: value shifts, then the ridge solve."""
         net = self.hypernet
         shifts = value_shifts(keys, edited_keys, edited_grads, net.lr(name))
-        return ridge_factors(keys, shifts, net.ridge(name))
+        return ridge_factors(keys, shifts, net.ridge(name), self.penalty(name))
+
+    # the editor tells the method which computed steps were applied and reverted (key memory bookkeeping)
+    def step_applied(self, step_id: int) -> None:
+        """The last computed step was applied as ``step_id``: its keys join the memory."""
+        if self.memory is not None:
+            self.memory.commit(step_id)
+
+    def step_reverted(self, step_id: int) -> None:
+        """Step ``step_id`` was reverted: its keys leave the memory."""
+        if self.memory is not None:
+            self.memory.revert(step_id)
+
+    def steps_cleared(self) -> None:
+        """Every step was removed (a new training episode): the memory is emptied."""
+        if self.memory is not None:
+            self.memory.reset()
 
     def compute_updates(self, features: StepFeaturesLike, targets: Sequence[EditTarget] = (),
                         update_stats: bool | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -128,19 +191,27 @@ class RLEditMethod(EditMethod):
         except UpdateError:
             net.normalizers.load_state_dict(saved)
             raise
+        if self.memory is not None:
+            self.memory.stage(features.keys)
         return updates
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The hypernetwork's tensors (weights, per-module scalars, normaliser statistics), detached."""
+        """The hypernetwork's tensors (weights, per-module scalars, normaliser statistics), detached, and the
+        key memory of the applied steps when the solve uses one."""
         if self.hypernet is None:
             return {}
-        return {k: v.detach() for k, v in self.hypernet.state_dict().items()}
+        state = {k: v.detach() for k, v in self.hypernet.state_dict().items()}
+        return state | (self.memory.state_dict() if self.memory is not None else {})
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a state saved by :meth:`state_dict` into the hypernetwork built by :meth:`prepare`."""
+        """Load a state saved by :meth:`state_dict` (or a trained checkpoint) into the editor built by
+        :meth:`prepare`. A checkpoint from before the memory-aware solve has no β/α log-weights: they keep
+        their initial values from the hparams."""
         if self.hypernet is None:
             raise UpdateError(f"{self.name}: call prepare(model, tokenizer, targets) before loading a state")
+        state, memory_state = split_memory_state(state)
         own = self.hypernet.state_dict()
+        state = {k: own[k] for k in ("memory_log", "corpus_log") if k in own and k not in state} | state
         wrong = sorted(k for k in own.keys() | state.keys()
                        if k not in own or k not in state or own[k].shape != state[k].shape)
         if wrong:
@@ -149,6 +220,14 @@ class RLEditMethod(EditMethod):
                 f"missing, extra or differently shaped tensors {wrong[:8]}; was it trained for another model, "
                 "other edited modules, or another rank / n_blocks?"
             )
+        if memory_state and self.memory is None:
+            raise UpdateError(f"the saved state holds a key memory, but this {self.name} editor's solve uses "
+                              "none (memory_init = 0)")
+        if self.memory is not None:
+            try:
+                self.memory.load_state_dict(memory_state)
+            except ValueError as error:
+                raise UpdateError(str(error)) from error
         self.hypernet.load_state_dict(state)
 
 

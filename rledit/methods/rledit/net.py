@@ -115,12 +115,17 @@ class EditorNet(nn.Module):
 
 class HyperNetwork(nn.Module):
     """All of an editor's learned state: one :class:`EditorNet` per shape, and per edited module a normaliser,
-    a learned log step size ``log_lr`` (init log lr_init) and a ridge log-strength ``ridge_log`` (λ, init
-    lambda_init). ``module_shapes`` (name → (d_in, d_out)) fixes the layout; :meth:`layout` is its JSON form.
+    a learned log step size ``log_lr`` (init log lr_init), a ridge log-strength ``ridge_log`` (λ, init
+    lambda_init) and the log-weights of the memory-aware solve (ALGORITHM.md §4b): ``memory_log`` (log β, the
+    weight of earlier steps' keys, init log memory_init) and ``corpus_log`` (log α, the weight of the corpus
+    key second moment, init log corpus_init); an init of 0 turns that term off, and its log-weight is then
+    stored as 0 and never used. ``module_shapes`` (name → (d_in, d_out)) fixes the layout; :meth:`layout` is its
+    JSON form.
     """
 
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]], rank: int, n_blocks: int,
-                 lr_init: float, lambda_init: float = 0.0, seed: int = 0):
+                 lr_init: float, lambda_init: float = 0.0, seed: int = 0, memory_init: float = 0.0,
+                 corpus_init: float = 0.0):
         super().__init__()
         if not module_shapes:
             raise ValueError("a hypernetwork needs at least one edited module")
@@ -141,6 +146,8 @@ class HyperNetwork(nn.Module):
         n = len(self.module_shapes)
         self.log_lr = nn.Parameter(torch.full((n,), math.log(lr_init)))
         self.ridge_log = nn.Parameter(torch.full((n,), float(lambda_init)))
+        self.memory_log = nn.Parameter(torch.full((n,), math.log(memory_init) if memory_init > 0 else 0.0))
+        self.corpus_log = nn.Parameter(torch.full((n,), math.log(corpus_init) if corpus_init > 0 else 0.0))
 
     def layout(self) -> dict[str, Any]:
         """JSON-ready description of the layout: what a checkpoint must match to be loaded."""
@@ -159,6 +166,14 @@ class HyperNetwork(nn.Module):
     def ridge(self, name: str) -> torch.Tensor:
         """Module ``name``'s ridge log-strength λ[m]; the solve adds e^λ·I (a differentiable scalar)."""
         return self.ridge_log[self._slot(name)[2]]
+
+    def memory_weight(self, name: str) -> torch.Tensor:
+        """Module ``name``'s β, the weight of earlier steps' key second moment in the solve (differentiable)."""
+        return self.memory_log[self._slot(name)[2]].exp()
+
+    def corpus_weight(self, name: str) -> torch.Tensor:
+        """Module ``name``'s α, the weight of the corpus key second moment in the solve (differentiable)."""
+        return self.corpus_log[self._slot(name)[2]].exp()
 
     def normalizer(self, name: str) -> RunningNormalizer:
         """Module ``name``'s feature normaliser."""
@@ -181,9 +196,15 @@ class HyperNetwork(nn.Module):
         return edited.split([keys.shape[-1], grads.shape[-1]], dim=-1)
 
     def parameter_groups(self, meta_lr: float, scalar_meta_lr: float) -> list[dict[str, Any]]:
-        """Optimiser parameter groups: the network weights at ``meta_lr``, the per-module log step sizes and
-        ridge strengths (log-scale scalars) at ``scalar_meta_lr``."""
+        """Optimiser parameter groups: the network weights at ``meta_lr``, the per-module log-scale scalars
+        (step sizes, ridge strengths, memory and corpus weights) at ``scalar_meta_lr``."""
         return [
             {"params": list(self.nets.parameters()), "lr": meta_lr},
-            {"params": [self.log_lr, self.ridge_log], "lr": scalar_meta_lr},
+            {"params": [self.log_lr, self.ridge_log, self.memory_log, self.corpus_log], "lr": scalar_meta_lr},
         ]
+
+    def scalars(self) -> dict[str, list[float]]:
+        """The learned per-module scalars in natural units (lr, e^λ, β, α), for training logs."""
+        named = {"lr": "log_lr", "ridge": "ridge_log", "beta": "memory_log", "alpha": "corpus_log"}
+        with torch.no_grad():
+            return {key: getattr(self, attr).exp().tolist() for key, attr in named.items() if hasattr(self, attr)}

@@ -12,7 +12,14 @@ steps of ``batch`` requests from the training split. At step t:
    CE_gen: target cross-entropy on the rephrase (and edit) prompts; KL_loc: KL(p_ref || p_W(t)) on the
    locality prompts' answer positions, W_ref = W(t-1) ("previous") or W(0) ("unedited").
 4. backward into the network, λ and the step sizes; an optimiser step every ``update_every`` steps
-5. the action is applied for good (detached): W(t) = W(t-1) + ΔW_t.
+5. the action is applied for good (detached): W(t) = W(t-1) + ΔW_t, and the method is told (its key memory,
+   when the solve uses one, takes the step's keys).
+
+With ``backtracking: sampled`` the sum over the last H steps is replaced by the newest step plus the mean over
+k steps sampled from all earlier steps of the episode (weight ``past_weight``), so long episodes keep their
+oldest edits in the loss at a fixed cost per step. Guards: every episode logs the update norms and learned
+scalars; a held-out validation stream is scored every ``validate_every`` episodes and the best editor kept as
+``editor-best``; training stops when the episode loss diverges (``diverge_factor``).
 
 No weight is ever mutated (deltas are applied by the store's hooks), the μ term is differentiable, the
 optimiser steps many times, and everything is seeded. MALMEN-style training is the same loop with
@@ -25,7 +32,7 @@ import contextlib
 import json
 import random
 import time
-from collections import deque
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +52,8 @@ from rledit.types import EditRequest
 
 LOG_FILE = "train_log.jsonl"
 STATE_FILE = "trainer_state.pt"
+BEST_EDITOR = "editor-best"
+VALIDATION_PROTOCOLS = {"zsre": "zsre-token-acc@1", "counterfact": "cf-prob@1"}
 
 
 @dataclass
@@ -81,14 +90,24 @@ class RLEditTrainer:
         self.editor = editor
         self.method: RLEditMethod = editor.method
         self.hp = self.method.hparams.train
-        need = self.hp.steps_per_episode * self.hp.batch
+        need = (self.hp.steps_per_episode + self.hp.warm_start_max) * self.hp.batch
         usable = [r for r in requests if r.rephrase_prompts and r.locality]
-        if len(usable) < need:
+        held_out = self.hp.validation_size
+        if len(usable) < need + held_out:
             raise ValueError(
                 f"training needs {need} requests with rephrase and locality prompts per episode "
-                f"({self.hp.steps_per_episode} steps × {self.hp.batch}); the training split has {len(usable)}"
+                f"({self.hp.steps_per_episode} steps + up to {self.hp.warm_start_max} warm-start steps, × "
+                f"{self.hp.batch}) and {held_out} held out for validation; the training split has {len(usable)}"
             )
+        if held_out:  # a seeded draw, fixed by the seed alone: the same records whatever the run
+            order = list(range(len(usable)))
+            random.Random(f"validation-{self.hp.seed}").shuffle(order)
+            self.validation = [usable[i] for i in sorted(order[:held_out])]
+            usable = [usable[i] for i in sorted(order[held_out:])]
+        else:
+            self.validation = []
         self.requests = usable
+        self.validation_references = None
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.hparams_source = hparams_source
@@ -109,6 +128,8 @@ class RLEditTrainer:
         self.order: list[int] = []
         self.episode = 0
         self.global_step = 0
+        self.first_loss: float | None = None
+        self.best_score: float | None = None
 
     # ------------------------------------------------------------------------------------------- the loop
     def train(self, resume: bool = False) -> Path:
@@ -122,59 +143,101 @@ class RLEditTrainer:
         while self.episode < self.hp.episodes:
             metrics = self.run_episode(self._draw_episode())
             self.episode += 1
-            metrics.update(episode=self.episode, seconds=round(time.perf_counter() - start, 2))
+            metrics.update(episode=self.episode, seconds=round(time.perf_counter() - start, 2),
+                           scalars=self._mean_scalars())
             self._log({"kind": "episode", **metrics})
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['edit_acc']:.2f}")
             bar.update()
-            if self.episode % self.hp.checkpoint_every == 0 or self.episode == self.hp.episodes:
+            diverged = self._diverged(metrics["loss"])
+            last = self.episode == self.hp.episodes or diverged
+            if self.validation and (self.episode % self.hp.validate_every == 0 or last):
+                self._validate()
+            if self.episode % self.hp.checkpoint_every == 0 or last:
                 self._save_state()
+            if diverged:
+                self._log({"kind": "stopped", "episode": self.episode, "reason":
+                           f"episode loss {metrics['loss']:.4g} is not finite or above {self.hp.diverge_factor} x "
+                           f"the first episode's {self.first_loss:.4g}"})
+                break
         bar.close()
-        self.editor.store.reset()
+        self._clear_steps()
         final = self.out_dir / "editor"
         self.editor.save_checkpoint(final, extra=self._training_facts())
         return final
 
     def run_episode(self, requests: list[EditRequest]) -> dict[str, float]:
-        """One episode on a reset model: T steps, each acting, learning and then keeping its edit."""
-        store, hp = self.editor.store, self.hp
-        store.reset()
-        window: deque[WindowStep] = deque(maxlen=hp.back_depth)
+        """One episode: reset the model, optionally apply m warm-start steps without gradients, then T steps,
+        each acting, learning and then keeping its edit."""
+        hp = self.hp
+        self._clear_steps()
+        steps = [requests[i:i + hp.batch] for i in range(0, len(requests), hp.batch)]
+        warm = self.rng.randint(0, hp.warm_start_max) if hp.warm_start_max else 0
+        history: list[WindowStep] = []
+        for step_requests in steps[hp.steps_per_episode:hp.steps_per_episode + warm]:
+            history.append(self._tokenise(step_requests))
+            self.apply_step(history[-1])
         totals: dict[str, float] = {}
         for t in range(hp.steps_per_episode):
-            step_requests = requests[t * hp.batch:(t + 1) * hp.batch]
-            window.appendleft(self._tokenise(step_requests))
-            metrics = self.learn_step(list(window))
+            history.append(self._tokenise(steps[t]))
+            metrics = self.learn_step(history[-1], *self._past(history[:-1]))
             self.global_step += 1
             if self.global_step % hp.update_every == 0:
                 self._optimiser_step()
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / hp.steps_per_episode
+        totals["warm_start_steps"] = warm
         return totals
 
-    def learn_step(self, window: list[WindowStep]) -> dict[str, float]:
-        """Act on ``window[0]`` (the newest step), backpropagate L_t, then apply the action for good."""
+    def _past(self, earlier: list[WindowStep]) -> tuple[list[WindowStep], list[float]]:
+        """The earlier steps the newest step's loss looks back on, and their weights."""
+        hp = self.hp
+        if hp.backtracking == "window":
+            chosen = earlier[::-1][:hp.back_depth - 1]
+            return chosen, [hp.time_decay ** (j + 1) for j in range(len(chosen))]
+        k = min(hp.back_samples, len(earlier))
+        if k == 0:
+            return [], []
+        return self.rng.sample(earlier, k), [hp.past_weight / k] * k
+
+    def learn_step(self, current: WindowStep, past: Sequence[WindowStep] = (),
+                   past_weights: Sequence[float] = ()) -> dict[str, float]:
+        """Act on ``current``, backpropagate L_t over it and ``past`` (weighted), then apply the action for good."""
         hp, store, model = self.hp, self.editor.store, self.editor.model
-        current = window[0]
+        steps, weights = [current, *past], [1.0, *past_weights]
         with self._upper_layers_only():
             features = capture_features(model, self.editor.targets, current.edit)
-            references = self._references(window)
+            references = self._references(steps)
             updates = self.method.compute_updates(features, self.editor.targets, update_stats=True)
             with store.pending(updates):
-                gen_loss, loc_loss, edit_acc = self._backtracking_losses(window, references)
+                gen_loss, loc_loss, edit_acc = self._backtracking_losses(steps, weights, references)
             reg = sum(factored_frobenius_sq(u, v) for u, v in updates.values())
             loss = gen_loss + hp.loc_coef * loc_loss + hp.reg_coef * reg
             (loss / hp.update_every).backward()
-        store.add({name: (u.detach(), v.detach()) for name, (u, v) in updates.items()})
+        self._keep({name: (u.detach(), v.detach()) for name, (u, v) in updates.items()})
         return {"loss": loss.item(), "gen": gen_loss.item(), "loc": loc_loss.item(), "reg": reg.item(),
-                "edit_acc": edit_acc, "pre_edit_loss": features.loss}
+                "update_norm": math.sqrt(max(reg.item(), 0.0) / len(updates)), "edit_acc": edit_acc,
+                "pre_edit_loss": features.loss}
 
-    def _backtracking_losses(self, window: list[WindowStep], references: list[torch.Tensor]):
-        """Σ_j γ^j CE_gen and Σ_j γ^j KL_loc over the window, on the model with the action pending."""
+    @torch.no_grad()
+    def apply_step(self, step: WindowStep) -> None:
+        """Apply the current editor's update of ``step`` without learning from it (a warm-start step)."""
+        with self._upper_layers_only():
+            features = capture_features(self.editor.model, self.editor.targets, step.edit)
+            self._keep(self.method.compute_updates(features, self.editor.targets, update_stats=True))
+
+    def _keep(self, updates) -> None:
+        self.method.step_applied(self.editor.store.add(updates))
+
+    def _clear_steps(self) -> None:
+        self.editor.store.reset()
+        self.method.steps_cleared()
+
+    def _backtracking_losses(self, steps: list[WindowStep], weights: list[float], references: list[torch.Tensor]):
+        """Σ_j w_j CE_gen and Σ_j w_j KL_loc over ``steps`` (the newest first), with the action pending."""
         model = self.editor.model
         gen_loss = loc_loss = torch.zeros(())
         edit_acc = 0.0
-        for j, (past, ref) in enumerate(zip(window, references)):
-            weight = self.hp.time_decay ** j
+        for j, (past, weight, ref) in enumerate(zip(steps, weights, references)):
             logits = answer_logits(model, past.gen)
             gen_loss = gen_loss + weight * answer_token_loss(logits, past.gen)
             if j == 0:
@@ -185,7 +248,7 @@ class RLEditTrainer:
         return gen_loss, loc_loss, edit_acc
 
     @torch.no_grad()
-    def _references(self, window: list[WindowStep]) -> list[torch.Tensor]:
+    def _references(self, window: Sequence[WindowStep]) -> list[torch.Tensor]:
         """p_ref on each window step's locality prompts: W(t-1) now ("previous") or cached W(0) ("unedited")."""
         if self.hp.loc_reference == "unedited":
             return [step.loc_ref for step in window]
@@ -206,7 +269,7 @@ class RLEditTrainer:
     # ------------------------------------------------------------------------------------------- the data
     def _draw_episode(self) -> list[EditRequest]:
         """The next T×B requests of a seeded shuffle of the training split (reshuffled when used up)."""
-        need = self.hp.steps_per_episode * self.hp.batch
+        need = (self.hp.steps_per_episode + self.hp.warm_start_max) * self.hp.batch
         if len(self.order) < need:
             order = list(range(len(self.requests)))
             self.rng.shuffle(order)
@@ -235,6 +298,50 @@ class RLEditTrainer:
                 step.loc_ref = answer_log_probs(self.editor.model, step.loc)
         return step
 
+    # ----------------------------------------------------------------------------------------- guards
+    def _diverged(self, loss: float) -> bool:
+        if self.first_loss is None:
+            self.first_loss = loss
+        factor = self.hp.diverge_factor
+        return factor > 0 and (not math.isfinite(loss) or loss > factor * self.first_loss)
+
+    def _mean_scalars(self) -> dict[str, float]:
+        return {name: sum(values) / len(values) for name, values in self.method.hypernet.scalars().items()}
+
+    def _validate(self) -> None:
+        """Apply the validation stream with the current editor, score it, restore the editor, keep the best."""
+        from rledit.bench import dataset_kind
+        from rledit.eval import compute_references, evaluate
+
+        editor, hp = self.editor, self.hp
+        protocol = VALIDATION_PROTOCOLS.get(dataset_kind(self.validation), "zsre-token-acc@1")
+        if self.validation_references is None:
+            with editor.store.bypassed():
+                self.validation_references = compute_references(editor.model, editor.tokenizer, self.validation,
+                                                                [protocol])
+        saved = {k: v.clone() for k, v in self.method.state_dict().items()}
+        self._clear_steps()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(self.validation), hp.validation_batch):
+                editor.apply(self.validation[i:i + hp.validation_batch])
+        result = evaluate(editor.model, editor.tokenizer, self.validation, [protocol], self.validation_references)
+        self._clear_steps()
+        editor.history.clear()
+        self.method.load_state_dict(saved)
+        metrics = result.metrics[protocol]
+        headline = [metrics[m] for m in ("efficacy", "generalization", "locality", "neighborhood") if m in metrics]
+        score = sum(headline) / len(headline)
+        best = self.best_score is None or score > self.best_score
+        self._log({"kind": "validation", "episode": self.episode, "protocol": protocol, "score": round(score, 3),
+                   "best": best, "seconds": round(time.perf_counter() - start, 2),
+                   **{m: round(v, 3) for m, v in metrics.items()}})
+        if best:
+            self.best_score = score
+            editor.save_checkpoint(self.out_dir / BEST_EDITOR, extra={**self._training_facts(),
+                                                                      "validation": {"protocol": protocol,
+                                                                                     "score": score, **metrics}})
+
     # ------------------------------------------------------------------------------------ logs and state
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.out_dir / LOG_FILE, "a") as f:
@@ -243,12 +350,13 @@ class RLEditTrainer:
     def _training_facts(self) -> dict[str, Any]:
         return {"episodes": self.episode, "optimizer_steps": self.global_step // self.hp.update_every,
                 "train": asdict(self.hp), "hparams_file": self.hparams_source, "n_train_requests": len(self.requests),
-                "init_from": self.init_from}
+                "n_validation_requests": len(self.validation), "init_from": self.init_from}
 
     def _save_state(self) -> None:
         """Checkpoint network, optimiser, data order and RNG so that ``resume`` continues exactly (atomic)."""
         state = {"episode": self.episode, "global_step": self.global_step, "order": self.order,
                  "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
+                 "first_loss": self.first_loss, "best_score": self.best_score,
                  "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict()}
         with atomic_file(self.out_dir / STATE_FILE) as temporary:
             torch.save(state, temporary)
@@ -260,6 +368,7 @@ class RLEditTrainer:
             raise FileNotFoundError(f"--resume: no {STATE_FILE} in {self.out_dir}; nothing to resume from")
         state = torch.load(path, weights_only=True)
         self.episode, self.global_step, self.order = state["episode"], state["global_step"], state["order"]
+        self.first_loss, self.best_score = state.get("first_loss"), state.get("best_score")
         self.rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         self.method.load_state_dict(state["method"])
