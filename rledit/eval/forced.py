@@ -3,7 +3,9 @@
 Every (prompt, answer) pair is tokenised by :func:`rledit.tokens.encode` (the one place that knows about the
 leading space, BOS and padding side). For each pair this returns, at the positions that predict the answer's
 tokens, the model's argmax token and the log-probability of the answer token. Identical pairs are computed
-once. Nothing here changes the model.
+once. Batches are left-padded, so every row's answer ends the row and only the last max(answer length)
+positions go through the output layer (:func:`rledit.tokens.answer_logits`): the vocabulary projection at
+every prompt position, most of a small model's scoring time, is never computed. Nothing here changes the model.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rledit.tokens import context_length, encode, forward_logits
+from rledit.tokens import answer_logits, context_length, encode
 
 PROGRESS_MIN_BATCHES = 20  # shorter loops run without a progress bar
 
@@ -78,17 +80,17 @@ def predict_answers(model: nn.Module, tokenizer, pairs: Iterable[Pair], batch_si
     predictions: dict[Pair, AnswerPrediction] = {}
     with evaluation_mode(model):
         for batch_pairs in chunks(unique, batch_size, desc=f"scoring {len(unique)} prompts"):
-            batch = encode(tokenizer, [p for p, _ in batch_pairs], [a for _, a in batch_pairs], max_length=limit)
-            logits = forward_logits(model, batch)
-            mask = batch.answer_mask.to(logits.device)
-            labels = batch.labels.to(logits.device)
-            for row, pair in enumerate(batch_pairs):
-                row_logits = logits[row][mask[row]].float()  # (n_answer_tokens, V)
-                row_labels = labels[row][mask[row]]
-                log_probs = torch.log_softmax(row_logits, dim=-1).gather(1, row_labels[:, None])[:, 0]
-                predictions[pair] = AnswerPrediction(
-                    target_ids=tuple(batch.target_ids[row]),
-                    argmax_ids=tuple(row_logits.argmax(dim=-1).tolist()),
-                    log_probs=tuple(log_probs.tolist()),
-                )
+            batch = encode(tokenizer, [p for p, _ in batch_pairs], [a for _, a in batch_pairs], max_length=limit,
+                           padding_side="left")
+            logits = answer_logits(model, batch).float()  # (answer tokens of all rows, V), row-major
+            labels = batch.labels[batch.answer_mask].to(logits.device)
+            log_probs = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None])[:, 0].tolist()
+            argmax = logits.argmax(dim=-1).tolist()
+            start = 0
+            for row, (pair, count) in enumerate(zip(batch_pairs, batch.answer_mask.sum(1).tolist())):
+                end = start + count
+                predictions[pair] = AnswerPrediction(target_ids=tuple(batch.target_ids[row]),
+                                                     argmax_ids=tuple(argmax[start:end]),
+                                                     log_probs=tuple(log_probs[start:end]))
+                start = end
     return predictions

@@ -51,9 +51,9 @@ class References:
             raise ProtocolError(f"no unedited references for {protocol.id}; compute them with "
                                 f"rledit.eval.compute_references(...) on the unedited model before the first edit")
         for request in requests:
-            for item in request.locality:
-                if (item.prompt, item.answer) not in table:
-                    raise ProtocolError(f"{protocol.id}: no unedited reference for locality prompt {item.prompt!r}; "
+            for pair in protocol.reference_pairs(request):
+                if pair not in table:
+                    raise ProtocolError(f"{protocol.id}: no unedited reference for locality prompt {pair[0]!r}; "
                                         f"compute the references on all requests you will evaluate, before editing")
         return table
 
@@ -79,6 +79,10 @@ class Protocol(ABC):
     def applicable(self, requests: Sequence[EditRequest]) -> bool:
         """Whether this protocol can score ``requests``."""
         return self.unmet_requirement(requests) is None
+
+    def reference_pairs(self, request: EditRequest) -> list[Pair]:
+        """The (prompt, answer) pairs of ``request`` whose unedited outputs :meth:`references` computes."""
+        return _locality_pairs(request)
 
     def references(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest],
                    batch_size: int = 32) -> dict[Pair, Any]:
@@ -121,20 +125,28 @@ class TokenAccuracy(Protocol):
         return None
 
     def references(self, model, tokenizer, requests, batch_size=32):
-        pairs = [pair for r in requests for pair in _locality_pairs(r)]
+        pairs = [pair for r in requests for pair in self.reference_pairs(r)]
         return {pair: p.argmax_ids for pair, p in predict_answers(model, tokenizer, pairs, batch_size).items()}
+
+    def locality_pairs(self, request: EditRequest) -> list[Pair]:
+        """The locality (prompt, answer) pairs as this version scores them."""
+        return _locality_pairs(request)
+
+    def extra_scores(self, request: EditRequest, predictions, references) -> dict[str, float | None]:
+        """Metrics a later version adds (none in version 1)."""
+        return {}
 
     def score(self, model, tokenizer, requests, references, batch_size=32):
         pairs: list[Pair] = []
         for r in requests:
             pairs += [(p, r.target_new) for p in (r.prompt, *r.rephrase_prompts)]
-            pairs += _locality_pairs(r) + [(item.prompt, item.answer) for item in r.portability]
+            pairs += self.reference_pairs(r) + [(item.prompt, item.answer) for item in r.portability]
         predictions = predict_answers(model, tokenizer, pairs, batch_size)
         results = []
         for r in requests:
             edit = predictions[(r.prompt, r.target_new)]
             rephrases = [predictions[(p, r.target_new)] for p in r.rephrase_prompts]
-            local = [(predictions[pair], references[pair]) for pair in _locality_pairs(r)]
+            local = [(predictions[pair], references[pair]) for pair in self.locality_pairs(r)]
             portable = [predictions[(item.prompt, item.answer)] for item in r.portability]
             scores = {
                 "efficacy": 100.0 * edit.accuracy,
@@ -142,11 +154,53 @@ class TokenAccuracy(Protocol):
                 "locality": _mean_percent([p.agreement(ref) for p, ref in local]),
                 "specificity": _mean_percent([p.accuracy for p, _ in local]),
                 "portability": _mean_percent([p.accuracy for p in portable]),
+                **self.extra_scores(r, predictions, references),
             }
             outputs = {"predicted": tokenizer.decode(list(edit.argmax_ids)),
                        "rephrases_predicted": [tokenizer.decode(list(p.argmax_ids)) for p in rephrases]}
             results.append(ExampleScore(scores, outputs))
         return results
+
+
+class TokenAccuracyV2(TokenAccuracy):
+    """zsRE token accuracy, version 2: NQ locality questions end with "?" (as the published RLEdit code asks
+    them), and a same-relation locality check.
+
+    Version 1 asks the bundled NQ questions without their question mark, so the unedited model's argmax at the
+    first answer position is mostly "?" and locality mostly checks that the model still wants to close the
+    question. ``relation_locality`` asks the edit's own question template about another subject (a zsRE
+    *training* record of the same template, see :mod:`rledit.eval.relations`) and measures the argmax agreement
+    with the unedited model on that record's answer: the prompts most at risk from an edit.
+    """
+
+    version = 2
+    metric_names = TokenAccuracy.metric_names + ("relation_locality",)
+    description = ("as zsre-token-acc@1, with '?' appended to NQ locality questions that lack one; "
+                   "relation_locality: argmax agreement with the unedited model on a zsRE training prompt of "
+                   "the same question template about another subject, teacher-forced on its answer")
+
+    def locality_pairs(self, request: EditRequest) -> list[Pair]:
+        return [(as_question(item.prompt) if item.kind == "nq" else item.prompt, item.answer)
+                for item in request.locality]
+
+    def reference_pairs(self, request: EditRequest) -> list[Pair]:
+        from rledit.eval.relations import same_relation_pair
+
+        neighbour = same_relation_pair(request)
+        return self.locality_pairs(request) + ([neighbour] if neighbour else [])
+
+    def extra_scores(self, request, predictions, references):
+        from rledit.eval.relations import same_relation_pair
+
+        neighbour = same_relation_pair(request)
+        if neighbour is None:
+            return {"relation_locality": None}
+        return {"relation_locality": 100.0 * predictions[neighbour].agreement(references[neighbour])}
+
+
+def as_question(prompt: str) -> str:
+    """``prompt`` ending with a question mark (the form the published RLEdit code asks NQ questions in)."""
+    return prompt if prompt.rstrip().endswith("?") else prompt.rstrip() + "?"
 
 
 class CounterFactProbability(Protocol):
@@ -289,5 +343,5 @@ def resolve_protocols(protocols: Sequence[str | Protocol] | None, requests: Sequ
     return resolved
 
 
-for _protocol in (TokenAccuracy(), CounterFactProbability(), GenerationExactMatch()):
+for _protocol in (TokenAccuracy(), TokenAccuracyV2(), CounterFactProbability(), GenerationExactMatch()):
     register_protocol(_protocol)

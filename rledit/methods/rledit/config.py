@@ -54,6 +54,9 @@ class TrainHparams:
         validate_every: score the validation stream every this many episodes (and after the last); the best
             scoring editor is saved as ``editor-best``.
         validation_batch: edits per step of the validation stream (its length is validation_size / this).
+        relation_locality: add to each step's locality prompts, per zsRE request, a training record of the same
+            question template about another subject (from the "train" half of :mod:`rledit.eval.relations`; the
+            protocol scores the other half), so the editor learns not to spill onto same-relation prompts.
         diverge_factor: stop training when an episode's mean loss is non-finite or above this multiple of the
             first episode's (0: never stop).
     """
@@ -81,6 +84,7 @@ class TrainHparams:
     validation_size: int = 0
     validate_every: int = 1
     validation_batch: int = 20
+    relation_locality: bool = False
     diverge_factor: float = 0.0
 
     def __post_init__(self) -> None:

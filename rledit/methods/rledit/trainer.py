@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rledit.checkpoints import read_checkpoint
+from rledit.eval.protocols import as_question
+from rledit.eval.relations import same_relation_pair
 from rledit.files import atomic_file
 from rledit.hooks import answer_token_loss, capture_features
 from rledit.methods.rledit.method import RLEditMethod, factored_frobenius_sq
@@ -53,7 +55,7 @@ from rledit.types import EditRequest
 LOG_FILE = "train_log.jsonl"
 STATE_FILE = "trainer_state.pt"
 BEST_EDITOR = "editor-best"
-VALIDATION_PROTOCOLS = {"zsre": "zsre-token-acc@1", "counterfact": "cf-prob@1"}
+VALIDATION_PROTOCOLS = {"zsre": "zsre-token-acc@2", "counterfact": "cf-prob@1"}
 
 
 @dataclass
@@ -129,6 +131,7 @@ class RLEditTrainer:
         self.episode = 0
         self.global_step = 0
         self.first_loss: float | None = None
+        self.episode_prompts: set[str] = set()  # the edit prompts of the running episode
         self.best_score: float | None = None
 
     # ------------------------------------------------------------------------------------------- the loop
@@ -171,6 +174,7 @@ class RLEditTrainer:
         hp = self.hp
         self._clear_steps()
         steps = [requests[i:i + hp.batch] for i in range(0, len(requests), hp.batch)]
+        self.episode_prompts = {r.prompt for r in requests}
         warm = self.rng.randint(0, hp.warm_start_max) if hp.warm_start_max else 0
         history: list[WindowStep] = []
         for step_requests in steps[hp.steps_per_episode:hp.steps_per_episode + warm]:
@@ -284,11 +288,15 @@ class RLEditTrainer:
         if self.hp.use_edit_prompt_loss:
             gen_prompts += [r.prompt for r in requests]
             gen_targets += [r.target_new for r in requests]
-        loc = [pa for r in requests for pa in r.locality[:1]]
+        loc = [(as_question(pa.prompt) if pa.kind == "nq" else pa.prompt, pa.answer)
+               for r in requests for pa in r.locality[:1]]  # NQ questions as zsre-token-acc@2 asks them
+        if self.hp.relation_locality:  # not a record this episode edits: its answer is meant to change
+            pairs = (same_relation_pair(r, half="train") for r in requests)
+            loc += [pair for pair in pairs if pair is not None and pair[0] not in self.episode_prompts]
         batches = [  # left padding: answers end every row, so answer_logits projects few positions
             encode(tok, [r.prompt for r in requests], [r.target_new for r in requests], padding_side="left"),
             encode(tok, gen_prompts, gen_targets, padding_side="left"),
-            encode(tok, [pa.prompt for pa in loc], [pa.answer for pa in loc], padding_side="left"),
+            encode(tok, [prompt for prompt, _ in loc], [answer for _, answer in loc], padding_side="left"),
         ]
         if self.prefix is not None:
             batches = [self.prefix.attach(batch) for batch in batches]
@@ -314,7 +322,7 @@ class RLEditTrainer:
         from rledit.eval import compute_references, evaluate
 
         editor, hp = self.editor, self.hp
-        protocol = VALIDATION_PROTOCOLS.get(dataset_kind(self.validation), "zsre-token-acc@1")
+        protocol = VALIDATION_PROTOCOLS.get(dataset_kind(self.validation), "zsre-token-acc@2")
         if self.validation_references is None:
             with editor.store.bypassed():
                 self.validation_references = compute_references(editor.model, editor.tokenizer, self.validation,
@@ -330,7 +338,8 @@ class RLEditTrainer:
         editor.history.clear()
         self.method.load_state_dict(saved)
         metrics = result.metrics[protocol]
-        headline = [metrics[m] for m in ("efficacy", "generalization", "locality", "neighborhood") if m in metrics]
+        headline = [metrics[m] for m in ("efficacy", "generalization", "locality", "relation_locality",
+                                         "neighborhood") if metrics.get(m) is not None]
         score = sum(headline) / len(headline)
         best = self.best_score is None or score > self.best_score
         self._log({"kind": "validation", "episode": self.episode, "protocol": protocol, "score": round(score, 3),
