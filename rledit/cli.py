@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="edited layers of methods without a checkpoint (default: hparams/models/<model>.yaml)")
     bench.add_argument("--protocols", nargs="*", default=None, help="protocol ids (default: all applicable)")
     bench.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="method hparams overrides, e.g. method.lr_init=1.0 (with --method)")
+                       help="method hparams overrides, e.g. method.lr_init=1.0; with a trained editor only its "
+                            "top-level keys, e.g. method.memory_init=1.0")
+    bench.add_argument("--label", default=None,
+                       help="the run's row name in tables (and file name in a --methods folder); one method only")
     bench.add_argument("--out", required=True,
                        help="results JSON (with --method) or folder for per-method JSON, table and plot (--methods)")
     bench.set_defaults(handler=_bench)
@@ -149,6 +152,8 @@ def _bench(args: argparse.Namespace) -> int:
     from rledit.models import load_model
 
     names = [args.method] if args.method else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.label and len(names) > 1:
+        raise ValueError("--label names one run; give one method")
     specs = [_bench_spec(args, name) for name in names]
     requests = [check_spec(spec) for spec in specs]  # every error before any work
     loaded = load_model(args.model, dtype=args.dtype)
@@ -185,6 +190,8 @@ def _bench_spec(args: argparse.Namespace, name: str):
 
     method, _, checkpoint = name.partition(":")
     hparams = layers = modules = None
+    if checkpoint and args.set:
+        hparams = _checkpoint_overrides(args.set)
     if not checkpoint:
         method_file = HPARAMS_DIR / "methods" / f"{method}.yaml"
         if method_file.is_file():
@@ -196,7 +203,21 @@ def _bench_spec(args: argparse.Namespace, name: str):
         layers = args.layers or layers
     return BenchSpec(method=method, checkpoint=checkpoint or None, hparams=hparams, layers=layers, modules=modules,
                      data=args.data, split=args.split, steps=args.steps, batch=args.batch, timing=args.timing,
-                     seed=args.seed, eval_every=args.eval_every, protocols=args.protocols)
+                     seed=args.seed, eval_every=args.eval_every, protocols=args.protocols, label=args.label)
+
+
+def _checkpoint_overrides(items: list[str]) -> dict:
+    """``method.KEY=VALUE`` overrides of a trained editor's top-level hparams (values read as YAML)."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name = key.removeprefix("method.")
+        if not sep or not key.startswith("method.") or "." in name or not name:
+            raise ValueError(f"--set {item!r}: a trained editor takes top-level overrides method.KEY=VALUE")
+        overrides[name] = yaml.safe_load(value)
+    return overrides
 
 
 def _file_name(name: str) -> str:

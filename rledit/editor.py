@@ -100,7 +100,8 @@ class Editor:
         """An editor for a model given by name (hub id, local folder, ``"smollm2-135m"``) or already loaded.
 
         ``checkpoint`` names a trained editor (a shipped name such as ``"smollm2-135m-zsre"`` or a folder); it
-        fixes the method, its hyper-parameters and the edited modules. Otherwise ``hparams`` (a method
+        fixes the method, its hyper-parameters and the edited modules (a dict ``hparams`` then overrides
+        top-level keys of the saved ones, e.g. ``{"memory_init": 1.0}``). Otherwise ``hparams`` (a method
         hparams dataclass, a dict of its fields, or None for the defaults) configures ``method``, and
         ``layers``/``modules`` pick the edited modules (None: the architecture's defaults).
         """
@@ -108,7 +109,12 @@ class Editor:
         if saved is not None:
             if method not in ("rledit", saved.method):
                 raise EditorError(f"checkpoint {checkpoint} is a {saved.method!r} editor, not {method!r}")
-            method, hparams = saved.method, saved.hparams
+            overrides = dict(hparams) if isinstance(hparams, Mapping) else {}
+            fields = getattr(get_method(saved.method).hparams_class, "__dataclass_fields__", {})
+            unknown = sorted(set(overrides) - set(fields) - {"name"})
+            if unknown:
+                raise EditorError(f"hparams {unknown} are not settings of a {saved.method} editor: {sorted(fields)}")
+            method, hparams = saved.method, {**saved.hparams, **overrides}
             layers, modules = saved.layers, saved.modules
         if isinstance(model_or_name, nn.Module):
             if tokenizer is None:

@@ -56,3 +56,51 @@ def test_training_can_start_from_a_trained_editor(tokenizer, tmp_path):
     assert read_checkpoint(tmp_path / "second" / "editor").extra["init_from"] == str(final)
     with pytest.raises(CheckpointError, match="was trained for modules"):
         _trainer(tokenizer, tmp_path / "third", episodes=1, init_from=final, layers=(1, 2))
+
+
+def _log(folder):
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_sampled_backtracking_covers_earlier_steps_with_mean_weights(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path, episodes=1, backtracking="sampled", back_samples=2, past_weight=0.5)
+    earlier = ["s0", "s1", "s2", "s3"]
+    chosen, weights = trainer._past(earlier)
+    assert len(chosen) == 2 and set(chosen) <= set(earlier) and len(set(chosen)) == 2
+    assert weights == [0.25, 0.25]  # past_weight × the mean over the sample
+    assert trainer._past([]) == ([], []) and trainer._past(["s0"]) == (["s0"], [0.5])
+    window = _trainer(tokenizer, tmp_path / "w", episodes=1, back_depth=3, time_decay=0.5)
+    assert window._past(earlier) == (["s3", "s2"], [0.5, 0.25])  # the last steps, newest first, γ^j
+
+
+def test_long_episodes_with_memory_validation_and_warm_starts(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    settings = TrainHparams(episodes=2, steps_per_episode=3, batch=2, backtracking="sampled", back_samples=1,
+                            warm_start_max=1, validation_size=4, validation_batch=2, meta_lr=1e-3,
+                            loc_reference="unedited", relation_locality=True, checkpoint_every=1)
+    hparams = RLEditHparams(rank=8, lr_init=30.0, memory_init=1.0, train=settings)
+    editor = Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, hparams=hparams, layers=[2, 3])
+    requests = load_requests("zsre", "train", limit=12)
+    trainer = RLEditTrainer(editor, requests, tmp_path, progress=False)
+    assert len(trainer.validation) == 4 and not {r.prompt for r in trainer.validation} & {
+        r.prompt for r in trainer.requests}
+    trainer.train()
+    log = _log(tmp_path)
+    episodes = [r for r in log if r["kind"] == "episode"]
+    validations = [r for r in log if r["kind"] == "validation"]
+    assert len(episodes) == 2 and len(validations) == 2
+    assert all(r["update_norm"] > 0 and r["warm_start_steps"] in (0, 1) and r["scalars"]["beta"] > 0
+               for r in episodes)
+    assert validations[0]["protocol"] == "zsre-token-acc@2" and validations[0]["best"]
+    best = read_checkpoint(tmp_path / "editor-best")
+    assert round(best.extra["validation"]["score"], 3) == max(r["score"] for r in validations)
+    assert not [k for k in best.state if k.startswith("key_memory/")]
+    assert editor.store.steps == [] and len(editor.method.memory) == 0  # left unedited, memory empty
+
+
+def test_training_stops_when_the_loss_diverges(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path, episodes=5, diverge_factor=1e-9)  # any loss after the first "diverges"
+    trainer.train()
+    log = _log(tmp_path)
+    assert [r["kind"] for r in log] == ["episode", "episode", "stopped"]
+    assert (tmp_path / "editor").is_dir() and trainer.episode == 2

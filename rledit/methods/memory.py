@@ -14,7 +14,7 @@ memory-aware ridge solve of the hypernetwork family both keep their memory here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 

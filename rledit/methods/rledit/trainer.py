@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import time
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -308,9 +308,10 @@ class RLEditTrainer:
 
     # ----------------------------------------------------------------------------------------- guards
     def _diverged(self, loss: float) -> bool:
-        if self.first_loss is None:
-            self.first_loss = loss
         factor = self.hp.diverge_factor
+        if self.first_loss is None:  # the first episode sets the scale
+            self.first_loss = loss
+            return factor > 0 and not math.isfinite(loss)
         return factor > 0 and (not math.isfinite(loss) or loss > factor * self.first_loss)
 
     def _mean_scalars(self) -> dict[str, float]:

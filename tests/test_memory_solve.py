@@ -1,0 +1,164 @@
+"""The memory-aware ridge solve (ALGORITHM.md §4b) and the key memory of applied steps, on small tensors and a
+tiny model: the plain solve is unchanged, the penalised solve is the normal-equation solution, the memory
+follows applies, reverts, saves and loads exactly, and a checkpoint never carries it."""
+
+import pytest
+import torch
+from test_rledit_net import SHAPES, dense_ridge, make_method, random_features
+from tiny import tiny_model
+
+from rledit.checkpoints import read_checkpoint
+from rledit.data import load_requests
+from rledit.deltas import DeltaError
+from rledit.editor import Editor, EditorError
+from rledit.methods.base import UpdateError
+from rledit.methods.memory import KeyMemory
+from rledit.methods.rledit import RLEditHparams, ridge_factors
+
+
+def _system(n=5, d_in=6, d_out=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys, shifts = torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g)
+    earlier = torch.randn(9, d_in, generator=g).double()
+    return keys, shifts, earlier.T @ earlier
+
+
+def test_without_a_penalty_the_solve_is_the_plain_push_through_solve():
+    keys, shifts, _ = _system()
+    ridge_log = torch.tensor(0.3)
+    u, v = ridge_factors(keys, shifts, ridge_log)
+    assert torch.equal(u, keys.T)
+    assert torch.allclose((u @ v).double(), dense_ridge(keys, shifts, ridge_log), atol=1e-6)
+    zero_penalty = ridge_factors(keys, shifts, ridge_log, torch.zeros(6, 6, dtype=torch.float64))
+    assert torch.allclose(zero_penalty[0] @ zero_penalty[1], u @ v, atol=1e-6)
+
+
+def test_the_penalised_solve_is_the_normal_equation_solution_with_rank_at_most_n():
+    keys, shifts, penalty = _system()
+    ridge_log = torch.tensor(-0.5)
+    u, v = ridge_factors(keys, shifts, ridge_log, penalty)
+    assert u.shape == (6, 5) and v.shape == (5, 4) and u.dtype == v.dtype == torch.float32
+    k, d = keys.double(), shifts.double()
+    expected = torch.linalg.solve(k.T @ k + ridge_log.exp().double() * torch.eye(6, dtype=k.dtype) + penalty,
+                                  k.T @ d)
+    assert torch.allclose((u @ v).double(), expected, atol=1e-5)
+
+
+def test_gradients_reach_the_memory_weight():
+    keys, shifts, gram = _system()
+    log_beta = torch.tensor(0.0, requires_grad=True)
+    u, v = ridge_factors(keys, shifts, torch.tensor(0.0), log_beta.exp().double() * gram)
+    (u @ v).square().sum().backward()
+    assert log_beta.grad is not None and log_beta.grad < 0  # a stronger memory shrinks the update
+
+
+def test_key_memory_commits_reverts_exactly_and_round_trips():
+    memory = KeyMemory({"m": (3, 2)})
+    g = torch.Generator().manual_seed(1)
+    steps = [torch.randn(4, 3, generator=g) for _ in range(3)]
+    grams = []
+    for step_id, keys in enumerate(steps):
+        memory.stage({"m": keys})
+        memory.commit(step_id)
+        grams.append(memory.gram("m").clone())
+    memory.stage({"m": torch.ones(2, 3)})
+    memory.discard()
+    assert len(memory) == 3 and torch.equal(memory.gram("m"), grams[-1])
+    restored = KeyMemory({"m": (3, 2)})
+    restored.load_state_dict(memory.state_dict())
+    assert torch.equal(restored.gram("m"), grams[-1])
+    memory.revert(2)
+    assert torch.equal(memory.gram("m"), grams[1])  # as if step 2 had never been applied
+    memory.revert(7)  # a step it never saw: nothing happens
+    assert torch.equal(memory.gram("m"), grams[1])
+    with pytest.raises(RuntimeError, match="no staged keys"):
+        memory.commit(3)
+    with pytest.raises(ValueError, match="does not fit"):
+        restored.load_state_dict({"key_memory/0/m": torch.zeros(2, 5)})
+    memory.reset()
+    assert len(memory) == 0 and not memory.gram("m").any()
+
+
+def test_an_editor_without_memory_computes_exactly_what_it_did_before():
+    plain, remembering = make_method(), make_method(memory_init=1.0)
+    remembering.hypernet.load_state_dict(plain.hypernet.state_dict())
+    remembering.memory = KeyMemory(SHAPES)  # what prepare() builds when memory_init > 0
+    first, second = random_features(seed=0), random_features(seed=1)
+    assert plain.memory is None
+    a = plain.compute_updates(first)
+    b = remembering.compute_updates(first)  # an empty memory: the plain solve, bit for bit
+    assert all(torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]) for n in a)
+    remembering.step_applied(0)
+    plain.step_applied(0)
+    c, d = plain.compute_updates(second), remembering.compute_updates(second)
+    assert all(not torch.allclose(c[n][0] @ c[n][1], d[n][0] @ d[n][1]) for n in c)  # the memory now acts
+
+
+LAYERS = [1, 2]
+
+
+def _editor(tokenizer, **hparams):
+    torch.manual_seed(0)
+    return Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, layers=LAYERS,
+                                  hparams=RLEditHparams(rank=8, lr_init=30.0, **hparams))
+
+
+def test_editor_memory_follows_apply_revert_save_and_load(tokenizer, tmp_path, monkeypatch):
+    editor = _editor(tokenizer, memory_init=1.0)
+    requests = load_requests("zsre", "train", limit=6)
+    memory, names = editor.method.memory, [t.name for t in editor.targets]
+    first = editor.apply(requests[:2])
+    after_first = {n: memory.gram(n).clone() for n in names}
+    second = editor.apply(requests[2:4])
+    assert len(memory) == 2 and all(not torch.equal(memory.gram(n), after_first[n]) for n in names)
+    before = {n: memory.gram(n).clone() for n in names}
+
+    def refuse(updates):
+        raise DeltaError("refused")
+
+    with monkeypatch.context() as patch:  # a step that fails after its update was computed
+        patch.setattr(editor.store, "add", refuse)
+        with pytest.raises(DeltaError):
+            editor.apply(requests[4:6])
+    memory = editor.method.memory  # restored as it was: two steps, nothing staged
+    assert len(memory) == 2 and memory.staged is None
+    assert all(torch.equal(memory.gram(n), before[n]) for n in names)
+    editor.save(tmp_path / "edited")
+    loaded = Editor.load(tmp_path / "edited", model=tiny_model("llama"), tokenizer=tokenizer)
+    assert all(torch.equal(loaded.method.memory.gram(n), memory.gram(n)) for n in names)
+    loaded.revert(second.id)
+    editor.revert(second.id)
+    assert all(torch.equal(m.method.memory.gram(n), after_first[n]) for m in (editor, loaded) for n in names)
+    # the next step is the same whether or not the reverted step was ever applied
+    fresh = _editor(tokenizer, memory_init=1.0)
+    fresh.apply(requests[:2])
+    third, again = editor.apply(requests[4:6]), fresh.apply(requests[4:6])
+    a, b = editor.store.factors(third.id), fresh.store.factors(again.id)
+    assert all(torch.allclose(a[n][0] @ a[n][1], b[n][0] @ b[n][1], atol=1e-6) for n in names)
+    editor.revert(first.id)
+    editor.revert(third.id)
+    assert len(memory) == 0
+
+
+def test_checkpoints_leave_the_memory_out_and_old_checkpoints_take_a_memory(tokenizer, tmp_path):
+    editor = _editor(tokenizer, memory_init=2.0)
+    editor.apply(load_requests("zsre", "train", limit=2))
+    editor.save_checkpoint(tmp_path / "ckpt")
+    saved = read_checkpoint(tmp_path / "ckpt")
+    assert not [k for k in saved.state if k.startswith("key_memory/")]
+    assert torch.allclose(saved.state["memory_log"].exp(), torch.full((len(LAYERS) * 2,), 2.0))
+    plain = _editor(tokenizer)
+    plain.save_checkpoint(tmp_path / "old")
+    state = read_checkpoint(tmp_path / "old").state
+    del state["memory_log"], state["corpus_log"]  # a checkpoint from before the memory-aware solve
+    method = _editor(tokenizer, memory_init=0.5).method
+    method.load_state_dict(state)
+    assert torch.allclose(method.hypernet.memory_log.exp(), torch.full((4,), 0.5))
+    with pytest.raises(UpdateError, match="holds a key memory"):
+        plain.method.load_state_dict(editor.method.state_dict())
+    with pytest.raises(EditorError, match="not settings of a rledit editor"):
+        Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, checkpoint=tmp_path / "ckpt",
+                               hparams={"memory": 1.0})
+    overridden = Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, checkpoint=tmp_path / "old",
+                                        hparams={"memory_init": 1.0})
+    assert overridden.method.memory is not None
