@@ -11,7 +11,7 @@ from typing import Any
 from rledit.eval import LifelongResult
 from rledit.files import save_figure, write_text_atomically
 
-METRIC_ORDER = ("efficacy", "generalization", "locality", "specificity", "neighborhood")
+METRIC_ORDER = ("efficacy", "generalization", "locality", "relation_locality", "specificity", "neighborhood")
 
 
 def write_run(path: str | Path, summary: dict[str, Any], result: LifelongResult) -> tuple[Path, Path]:

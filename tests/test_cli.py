@@ -30,13 +30,13 @@ def test_eval_writes_summary_with_every_metric(tiny_folder, tmp_path, capsys):
     assert summary["timing"] == "unedited" and summary["n_examples"] == 3
     assert summary["model"] == str(tiny_folder) and summary["data"]["file"].endswith("zsre_rledit.jsonl")
     assert summary["data"]["sha256"] == hashlib.sha256((DATA / "zsre_rledit.jsonl").read_bytes()).hexdigest()
-    token = summary["metrics"]["zsre-token-acc@1"]
+    token = summary["metrics"]["zsre-token-acc@2"]
     assert set(token) >= {"efficacy", "generalization", "locality", "specificity"}
     assert token["locality"] == 100.0  # the unedited model agrees with itself
     assert all(0.0 <= v <= 100.0 for v in token.values())
     records = out.with_suffix(".jsonl").read_text().splitlines()
     assert len(records) == 3 * len(summary["protocols"])
-    assert "zsre-token-acc@1" in capsys.readouterr().out
+    assert "zsre-token-acc@2" in capsys.readouterr().out
 
 
 def test_eval_on_counterfact_reports_neighborhood(tiny_folder, tmp_path):

@@ -136,9 +136,9 @@ def test_token_accuracy_matches_hand(kind, tok_kind):
 @pytest.mark.parametrize("tok_kind", TOKENIZERS)
 def test_token_locality_compares_with_unedited_argmax(llama, tok_kind):
     tok, requests = tiny_tokenizer(**TOKENIZERS[tok_kind]), zsre_requests()
-    references = compute_references(llama, tok, requests, ["zsre-token-acc"])
+    references = compute_references(llama, tok, requests, ["zsre-token-acc@1"])
     edited = perturbed(llama)
-    result = evaluate(edited, tok, requests, ["zsre-token-acc"], references=references, batch_size=4)
+    result = evaluate(edited, tok, requests, ["zsre-token-acc@1"], references=references, batch_size=4)
     for request, record in zip(requests, records_of(result, "zsre-token-acc@1")):
         agreements = []
         for item in request.locality:
@@ -253,8 +253,8 @@ def test_registry_and_applicability():
         get_protocol("rouge")
 
     zsre, counterfact = zsre_requests(), counterfact_requests()
-    assert [p.id for p in resolve_protocols(None, zsre)] == ["gen-exact@1", "zsre-token-acc@1"]
-    assert [p.id for p in resolve_protocols(None, counterfact)] == ["cf-prob@1", "gen-exact@1", "zsre-token-acc@1"]
+    assert [p.id for p in resolve_protocols(None, zsre)] == ["gen-exact@1", "zsre-token-acc@2"]
+    assert [p.id for p in resolve_protocols(None, counterfact)] == ["cf-prob@1", "gen-exact@1", "zsre-token-acc@2"]
     with pytest.raises(ProtocolError, match="no ground_truth"):
         resolve_protocols(["cf-prob"], zsre)
     nq_with_truth = [dataclasses.replace(r, ground_truth="Paris") for r in zsre]
@@ -272,3 +272,32 @@ def test_missing_references_are_an_error(llama, tokenizer):
         evaluate(llama, tokenizer, requests, ["zsre-token-acc"], references=references)
     with pytest.raises(ProtocolError, match="compute_references"):
         evaluate(llama, tokenizer, requests, ["gen-exact"], references=References())
+
+
+def test_token_accuracy_v2_asks_nq_as_questions_and_scores_a_same_relation_neighbour(llama):
+    from rledit.data import load_requests
+    from rledit.eval.relations import question_template, same_relation_pair
+
+    tok = tiny_tokenizer(**TOKENIZERS["no-bos-right"])
+    requests = load_requests("zsre", split="eval", limit=4)
+    v1, v2 = get_protocol("zsre-token-acc@1"), get_protocol("zsre-token-acc@2")
+    assert get_protocol("zsre-token-acc") is v2 and v2.metric_names[-1] == "relation_locality"
+    request = requests[0]
+    assert request.locality[0].kind == "nq" and not request.locality[0].prompt.endswith("?")
+    assert v2.locality_pairs(request) == [(request.locality[0].prompt + "?", request.locality[0].answer)]
+    neighbour = same_relation_pair(request)
+    assert neighbour is not None and neighbour[0] != request.prompt
+    assert question_template(request) == request.prompt.replace(request.subject, "{}")
+    assert same_relation_pair(request, half="train") != neighbour  # the two halves never share a prompt
+    assert v2.reference_pairs(request) == v2.locality_pairs(request) + [neighbour]
+    references = compute_references(llama, tok, requests, [v1, v2])
+    unedited = evaluate(llama, tok, requests, [v1, v2], references=references)
+    assert unedited.metrics["zsre-token-acc@2"]["relation_locality"] == 100.0
+    assert unedited.metrics["zsre-token-acc@2"]["efficacy"] == unedited.metrics["zsre-token-acc@1"]["efficacy"]
+    edited = evaluate(perturbed(llama), tok, requests, [v2], references=references).records
+    for r, record in zip(requests, edited):
+        prompt, answer = same_relation_pair(r)
+        _, before, _ = hand_answer(llama, tok, prompt, answer)
+        _, after, _ = hand_answer(perturbed(llama), tok, prompt, answer)
+        assert record.scores["relation_locality"] == pytest.approx(
+            100 * sum(a == b for a, b in zip(before, after)) / len(before))

@@ -70,14 +70,14 @@ def test_end_scores_every_edit_once_after_the_last_step(llama, tokenizer, reques
     references = compute_references(llama, tokenizer, requests)  # from the unedited model
     assert scores(result.records) == expected_scores(llama, tokenizer, requests, N_STEPS, range(6), references)
     assert {r.after_steps for r in result.records} == {N_STEPS}
-    assert [r.step for r in result.records if r.protocol == "zsre-token-acc@1"] == [1, 1, 2, 2, 3, 3]
+    assert [r.step for r in result.records if r.protocol == "zsre-token-acc@2"] == [1, 1, 2, 2, 3, 3]
     # locality compares with the unedited model: references recomputed on the edited model would give 100
-    assert result.metrics["zsre-token-acc@1"]["locality"] < 100.0
+    assert result.metrics["zsre-token-acc@2"]["locality"] < 100.0
     assert result.metrics["gen-exact@1"]["locality"] < 100.0
     unedited = evaluate(llama, tokenizer, requests)
     assert scores(result.unedited.records) == scores(unedited.records)
     assert result.unedited.metrics == unedited.metrics
-    assert result.unedited.metrics["zsre-token-acc@1"]["locality"] == 100.0
+    assert result.unedited.metrics["zsre-token-acc@2"]["locality"] == 100.0
     assert {r.after_steps for r in result.unedited.records} == {0}
     assert len(result.step_seconds) == N_STEPS and min(result.step_seconds) >= 0.01
     assert (result.curve, result.eval_every, result.n_examples) == ([], None, 6)
@@ -93,9 +93,9 @@ def test_immediate_scores_each_step_right_after_it(llama, tokenizer, requests):
         indices = range((step - 1) * PER_STEP, step * PER_STEP)
         expected = expected_scores(llama, tokenizer, requests, step, indices, references)
         assert scores(step_records) == expected
-    efficacies = [r.scores["efficacy"] for r in result.records if r.protocol == "zsre-token-acc@1"]
+    efficacies = [r.scores["efficacy"] for r in result.records if r.protocol == "zsre-token-acc@2"]
     assert len(efficacies) == 6
-    assert result.metrics["zsre-token-acc@1"]["efficacy"] == pytest.approx(sum(efficacies) / 6)
+    assert result.metrics["zsre-token-acc@2"]["efficacy"] == pytest.approx(sum(efficacies) / 6)
 
 
 def test_curve_scores_all_edits_so_far_at_checkpoints(llama, tokenizer, requests):
@@ -132,7 +132,7 @@ def test_write_results_summary_and_records(llama, tokenizer, requests, tmp_path)
     path_json, path_records = write_results(tmp_path / "run.json", result, meta)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.jsonl"]  # no temporary files left
     summary = json.loads(path_json.read_text())
-    assert summary["protocols"] == ["gen-exact@1", "zsre-token-acc@1"]
+    assert summary["protocols"] == ["gen-exact@1", "zsre-token-acc@2"]
     assert (summary["timing"], summary["model"], summary["model_revision"]) == ("end", "tiny-llama", "abc123")
     assert (summary["data"], summary["seed"], summary["method"]) == ("zsre", 3, "noise")
     assert summary["rledit_version"] == rledit.__version__
@@ -140,7 +140,7 @@ def test_write_results_summary_and_records(llama, tokenizer, requests, tmp_path)
     assert summary["n_examples"] == 6 and summary["n_steps"] == N_STEPS
     assert summary["edits_per_step"] == [PER_STEP] * N_STEPS
     assert summary["metrics"] == result.metrics and summary["unedited"] == result.unedited.metrics
-    assert set(summary["metrics"]["zsre-token-acc@1"]) >= {"efficacy", "generalization", "locality", "specificity"}
+    assert set(summary["metrics"]["zsre-token-acc@2"]) >= {"efficacy", "generalization", "locality", "specificity"}
     assert summary["step_seconds"] == result.step_seconds
     assert summary["started_at"] <= summary["finished_at"]
     assert summary["records_file"] == "run.jsonl"
@@ -167,6 +167,6 @@ def test_write_results_of_an_unedited_evaluation(llama, tokenizer, requests, tmp
     summary = json.loads((tmp_path / "eval.json").read_text())
     assert summary["timing"] == "unedited"
     assert summary["metrics"] == summary["unedited"] == result.metrics
-    assert summary["counts"]["zsre-token-acc@1"]["efficacy"] == 2
+    assert summary["counts"]["zsre-token-acc@2"]["efficacy"] == 2
     assert summary["seed"] is None and summary["data"] is None
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 2

@@ -23,6 +23,7 @@ from rledit.tokens import answer_logits, context_length, encode
 PROGRESS_MIN_BATCHES = 20  # shorter loops run without a progress bar
 
 Pair = tuple[str, str]
+_shared: dict[tuple[int, Pair], AnswerPrediction] | None = None  # see shared_predictions()
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,30 @@ def chunks(items: Sequence, size: int, desc: str | None = None) -> Iterable[Sequ
         yield items[start : start + size]
 
 
+@contextmanager
+def shared_predictions() -> Iterator[None]:
+    """Inside the ``with`` block, :func:`predict_answers` computes each (model, prompt, answer) once, however
+    many protocols ask for it; the model must not change inside the block (one scoring of one model state)."""
+    global _shared
+    outer, _shared = _shared, ({} if _shared is None else _shared)
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
 def predict_answers(model: nn.Module, tokenizer, pairs: Iterable[Pair], batch_size: int = 32) -> dict[Pair, AnswerPrediction]:
     """Teacher-forced predictions for every distinct (prompt, answer) pair, keyed by the pair."""
-    unique = sorted(set(pairs), key=lambda pair: (len(pair[0]) + len(pair[1]), pair))  # less padding per batch
+    wanted = set(pairs)
+    if _shared is None:
+        return _predict(model, tokenizer, wanted, batch_size)
+    missing = {pair for pair in wanted if (id(model), pair) not in _shared}
+    _shared.update({(id(model), pair): p for pair, p in _predict(model, tokenizer, missing, batch_size).items()})
+    return {pair: _shared[(id(model), pair)] for pair in wanted}
+
+
+def _predict(model: nn.Module, tokenizer, pairs: set[Pair], batch_size: int) -> dict[Pair, AnswerPrediction]:
+    unique = sorted(pairs, key=lambda pair: (len(pair[0]) + len(pair[1]), pair))  # less padding per batch
     limit = context_length(model)
     predictions: dict[Pair, AnswerPrediction] = {}
     with evaluation_mode(model):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rledit.eval.forced import shared_predictions
 from rledit.eval.protocols import Protocol, References, resolve_protocols
 from rledit.eval.results import CurvePoint, EvalResult, ExampleRecord, LifelongResult, summarize, utc_now
 from rledit.types import EditRequest
@@ -34,9 +35,10 @@ def compute_references(model: nn.Module, tokenizer, requests: Sequence[EditReque
     """
     requests = _check_requests(requests)
     references = References()
-    for protocol in resolve_protocols(protocols, requests):
-        if protocol.uses_references:
-            references.by_protocol[protocol.id] = protocol.references(model, tokenizer, requests, batch_size)
+    with shared_predictions():
+        for protocol in resolve_protocols(protocols, requests):
+            if protocol.uses_references:
+                references.by_protocol[protocol.id] = protocol.references(model, tokenizer, requests, batch_size)
     return references
 
 
@@ -134,13 +136,15 @@ def _score(model, tokenizer, requests: list[EditRequest], protocols: list[Protoc
            batch_size: int, indices: Sequence[int], step_of: Sequence[int] | None = None,
            after_steps: int = 0) -> list[ExampleRecord]:
     records = []
-    for protocol in protocols:
-        scored = protocol.score(model, tokenizer, requests, references.for_protocol(protocol, requests), batch_size)
-        for request, index, example in zip(requests, indices, scored):
-            records.append(ExampleRecord(
-                protocol=protocol.id, index=index, scores=example.scores, texts=request.to_dict(),
-                outputs=example.outputs, step=step_of[index] if step_of else None, after_steps=after_steps,
-            ))
+    with shared_predictions():  # pairs several protocols score (the edit prompts, ...) are computed once
+        for protocol in protocols:
+            scored = protocol.score(model, tokenizer, requests, references.for_protocol(protocol, requests),
+                                    batch_size)
+            for request, index, example in zip(requests, indices, scored):
+                records.append(ExampleRecord(
+                    protocol=protocol.id, index=index, scores=example.scores, texts=request.to_dict(),
+                    outputs=example.outputs, step=step_of[index] if step_of else None, after_steps=after_steps,
+                ))
     return records
 
 

@@ -1,0 +1,94 @@
+"""What one RL training step costs, against the features floor of the same step (the issue's training-cost
+target is one training step ≤ 3× the floor).
+
+For each backtracking setting it times ``--repeats`` training steps (act, backtracking loss, backward, optimiser
+step) on SmolLM2-135M with the experiment's edited modules, after ``--history`` steps already applied, and the
+floor: one forward+backward of the same step's edit prompts through the layers that training runs (the layers
+below the lowest edited one are cached, as in training). Writes JSON + markdown beside each other.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_step_cost.py --out benchmarks/results/train-cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import rledit
+from rledit.data import load_requests
+from rledit.editor import Editor
+from rledit.files import write_text_atomically
+from rledit.hooks import capture_features
+from rledit.hparams import load_hparams
+from rledit.methods.rledit.trainer import RLEditTrainer
+
+SETTINGS = {  # label -> train overrides
+    "window H=4 (shipped editors)": {"backtracking": "window", "back_depth": 4},
+    "sampled k=1": {"backtracking": "sampled", "back_samples": 1},
+    "sampled k=3": {"backtracking": "sampled", "back_samples": 3},
+    "newest step only": {"backtracking": "window", "back_depth": 1},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hparams", default="hparams/experiments/train-rledit-smollm2-zsre-memory.yaml")
+    parser.add_argument("--history", type=int, default=4, help="steps applied before the timed ones")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    hp = load_hparams(args.hparams)
+    requests = load_requests(hp.method.train.train_data, "train", limit=2000)
+    rows = []
+    for label, overrides in SETTINGS.items():
+        method = hp.method
+        method.train = type(method.train)(**{**vars(method.train), **overrides, "validation_size": 0})
+        editor = Editor.from_pretrained(hp.model.name, method=method.name, hparams=method, layers=hp.model.layers,
+                                        modules=hp.model.modules)
+        trainer = RLEditTrainer(editor, requests, "/tmp/rledit-train-cost", progress=False)
+        batch = trainer.hp.batch
+        history = [trainer._tokenise(requests[i * batch:(i + 1) * batch]) for i in range(args.history)]
+        for step in history:
+            trainer.apply_step(step)
+        steps, floors = [], []
+        for r in range(args.repeats):
+            current = trainer._tokenise(requests[(args.history + r) * batch:(args.history + r + 1) * batch])
+            start = time.perf_counter()
+            with trainer._upper_layers_only():
+                capture_features(editor.model, editor.targets, current.edit)
+            floors.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            trainer.learn_step(current, *trainer._past(history))
+            trainer._optimiser_step()
+            steps.append(time.perf_counter() - start)
+            history.append(current)
+        step, floor = statistics.median(steps), statistics.median(floors)
+        rows.append({"setting": label, "train": overrides, "step_seconds": round(step, 3),
+                     "floor_seconds": round(floor, 3), "step_over_floor": round(step / floor, 2)})
+        print(rows[-1], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"format": "rledit-train-cost@1", "command": shlex.join(sys.argv), "hparams": args.hparams,
+               "model": hp.model.name, "layers": hp.model.layers, "batch": hp.method.train.batch,
+               "history": args.history, "repeats": args.repeats, "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "version": rledit.__version__, "rows": rows}
+    write_text_atomically(out / "train_cost.json", json.dumps(summary, indent=1) + "\n")
+    title = (f"One RL training step vs the features floor ({hp.model.name}, layers {hp.model.layers}, "
+             f"{hp.method.train.batch} edits per step, {args.history} steps applied before, median of "
+             f"{args.repeats}, {torch.get_num_threads()} thread(s))")
+    lines = [title, "",
+             "| backtracking | step s | floor s | step / floor |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['setting']} | {r['step_seconds']:.2f} | {r['floor_seconds']:.2f} | {r['step_over_floor']:.1f} |"
+              for r in rows]
+    write_text_atomically(out / "train_cost.md", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
