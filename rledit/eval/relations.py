@@ -37,17 +37,22 @@ def _digest(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest(), 16)
 
 
+def in_half(record: EditRequest, half: str) -> bool:
+    """Whether a zsRE training record belongs to ``half`` ("metric" or "train") of the split."""
+    if half not in HALVES:
+        raise ValueError(f"half must be one of {HALVES}, got {half!r}")
+    return HALVES[_digest(record.prompt) % 2] == half
+
+
 @lru_cache(maxsize=2)
 def _training_index(half: str) -> dict[str, list[tuple[str, str, str]]]:
     """Template → [(subject, prompt, true answer)] over one half of the zsRE training split, in file order."""
     from rledit.data import load_requests
 
-    if half not in HALVES:
-        raise ValueError(f"half must be one of {HALVES}, got {half!r}")
     index: dict[str, list[tuple[str, str, str]]] = {}
     for record in load_requests("zsre", split="train"):
         template = question_template(record)
-        if template is not None and record.ground_truth and HALVES[_digest(record.prompt) % 2] == half:
+        if template is not None and record.ground_truth and in_half(record, half):
             index.setdefault(template, []).append((record.subject.strip(), record.prompt, record.ground_truth))
     return index
 

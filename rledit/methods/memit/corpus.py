@@ -16,6 +16,7 @@ from pathlib import Path
 from rledit.data.files import data_dir
 
 BUNDLED_CORPORA = {"sst2": "corpus/sst2_sentences.txt.gz"}  # name -> file under the data folder
+QUESTION_CORPORA = ("zsre-train-questions",)  # built from the bundled zsRE training split
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
@@ -39,6 +40,8 @@ def load_corpus(source: str, limit: int, split: str = "train", column: str = "te
     """
     if limit < 1:
         raise CorpusError(f"the corpus sample size must be >= 1, got {limit}")
+    if source in QUESTION_CORPORA:
+        return _question_corpus(limit)
     if source in BUNDLED_CORPORA:
         path = data_dir() / BUNDLED_CORPORA[source]
         if not path.is_file():
@@ -50,6 +53,23 @@ def load_corpus(source: str, limit: int, split: str = "train", column: str = "te
     if path.is_dir():
         return _saved_dataset_corpus(path, limit, split, column)
     return _hub_dataset_corpus(source, limit, split, column)
+
+
+def _question_corpus(limit: int) -> Corpus:
+    """"zsre-train-questions": the NQ locality questions of the zsRE training records in the "train" half of
+    :mod:`rledit.eval.relations` (asked with "?", followed by their answer), in file order. They stand for the
+    unrelated questions an edit must leave alone; the other half's records are never in it, so a validation
+    stream drawn from that half scores locality on questions the statistics have not seen."""
+    from rledit.data import dataset_file, load_requests
+    from rledit.eval.protocols import as_question
+    from rledit.eval.relations import in_half
+
+    texts = [f"{as_question(item.prompt)} {item.answer}" for record in load_requests("zsre", split="train")
+             if in_half(record, "train") for item in record.locality if item.kind == "nq"]
+    if not texts:
+        raise CorpusError("the zsRE training split holds no NQ locality questions")
+    digest = hashlib.sha256(dataset_file("zsre", "train").read_bytes()).hexdigest()[:12]
+    return Corpus(texts[:limit], f"zsre_train_questions-{digest}")
 
 
 def _file_corpus(path: Path, limit: int, column: str) -> Corpus:

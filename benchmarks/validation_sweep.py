@@ -1,0 +1,86 @@
+"""Choose editor settings on data the benchmark never scores: a validation stream of zsRE *training* records.
+
+The stream is ``--steps`` x ``--batch`` records of the "metric" half of the zsRE training split (see
+rledit.eval.relations; the "zsre-train-questions" corpus and the trainer's same-relation locality use the other
+half), in a seeded shuffle. Each setting is a trained editor plus top-level hparams overrides (JSON), applied to
+the whole stream and scored at the end with zsre-token-acc@2. Writes sweep.json and sweep.md to --out.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/validation_sweep.py --checkpoint smollm2-135m-zsre \\
+        --setting '{}' --setting '{"memory_init": 1.0}' --out benchmarks/results/sweeps/memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import rledit
+from rledit.data import load_requests
+from rledit.editor import Editor
+from rledit.eval.relations import in_half
+from rledit.files import write_text_atomically
+from rledit.models import load_model
+
+PROTOCOL = "zsre-token-acc@2"
+METRICS = ("efficacy", "generalization", "locality", "relation_locality")
+
+
+def validation_stream(n: int, seed: int) -> list:
+    records = [r for r in load_requests("zsre", split="train") if in_half(r, "metric")]
+    random.Random(seed).shuffle(records)
+    return records[:n]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="trained editor (default: the untrained rledit editor)")
+    parser.add_argument("--setting", action="append", required=True, help="JSON hparams overrides, repeatable")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, nargs="*", default=[24, 25, 26, 27])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    loaded = load_model("smollm2-135m")
+    stream = validation_stream(args.steps * args.batch, args.seed)
+    references = None
+    rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for setting in args.setting:
+        overrides = json.loads(setting)
+        editor = Editor.from_pretrained(loaded.model, tokenizer=loaded.tokenizer, checkpoint=args.checkpoint,
+                                        hparams=overrides or None, layers=args.layers)
+        if references is None:
+            references = editor.references(stream, [PROTOCOL])
+        start = time.perf_counter()
+        for i in range(0, len(stream), args.batch):
+            editor.apply(stream[i:i + args.batch])
+        metrics = editor.evaluate(stream, [PROTOCOL], references=references).metrics[PROTOCOL]
+        editor.store.detach()
+        rows.append({"setting": overrides, "seconds": round(time.perf_counter() - start, 1),
+                     "setup": editor.method.setup_report(), **{m: round(metrics[m], 2) for m in METRICS}})
+        print(rows[-1], flush=True)
+        summary = {"format": "rledit-validation-sweep@1", "command": shlex.join(sys.argv), "protocol": PROTOCOL,
+                   "checkpoint": args.checkpoint, "layers": args.layers, "steps": args.steps, "batch": args.batch,
+                   "seed": args.seed, "data": "zsre train, 'metric' half, seeded shuffle", "torch": torch.__version__,
+                   "version": rledit.__version__, "rows": rows}
+        write_text_atomically(out / "sweep.json", json.dumps(summary, indent=1) + "\n")
+        title = (f"Validation sweep: {args.checkpoint or 'untrained rledit'}, {args.steps} x {args.batch} zsRE "
+                 f"training edits ('metric' half), {PROTOCOL} at the end")
+        lines = [title, "",
+                 "| setting | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+        lines += [f"| `{json.dumps(r['setting'])}` | " + " | ".join(f"{r[m]:.1f}" for m in METRICS) + " |"
+                  for r in rows]
+        write_text_atomically(out / "sweep.md", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
