@@ -158,6 +158,22 @@ STREAM_KEYS = ("model", "dataset", "split", "steps", "batch", "seed", "timing", 
 ROW_ORDER = ("rledit", "malmen", "mend", "ultraedit", "memit", "alphaedit", "ft")
 
 
+def with_preferred_headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` with the dataset's preferred headline protocol among those it was scored with
+    (:data:`rledit.bench.HEADLINE`), so that runs made before a newer protocol version became the headline
+    tabulate beside newer ones; its curve (kept for the old headline only) is then left out."""
+    from rledit.bench import HEADLINE
+
+    scored = summary.get("metrics_by_protocol", {})
+    preferred = next((p for p in HEADLINE.get(summary.get("dataset"), ()) if p in scored), summary["protocol"])
+    if preferred == summary["protocol"]:
+        return summary
+    changed = {**summary, "protocol": preferred, "metrics": scored[preferred],
+               "unedited": summary["unedited_by_protocol"][preferred]}
+    changed.pop("curve", None)
+    return changed
+
+
 def load_runs(directory: str | Path) -> list[dict[str, Any]]:
     """Every run's summary in ``directory``, checked to share one stream, trained editors before their method.
 
@@ -170,7 +186,7 @@ def load_runs(directory: str | Path) -> list[dict[str, Any]]:
         summary = json.loads(path.read_text())
         if "records_file" not in summary or "metrics" not in summary:
             continue
-        runs.append((path, summary))
+        runs.append((path, with_preferred_headline(summary)))
     if not runs:
         raise ValueError(f"no benchmark results (*.json from `rledit bench`) in {directory}")
     first_path, first = runs[0]

@@ -114,3 +114,18 @@ def test_bench_two_methods_on_smollm2(tmp_path):
         assert FIELDS <= set(summary) and summary["n_edits"] == 4
         assert summary["metrics"]["efficacy"] > summary["unedited"]["efficacy"]
     assert (out / "table.md").read_text().count("|") > 20 and (out / "curves.png").is_file()
+
+
+def test_runs_scored_by_a_newer_headline_protocol_tabulate_by_it():
+    from rledit.bench_report import with_preferred_headline
+
+    old = {"dataset": "zsre", "protocol": "zsre-token-acc@1", "metrics": {"efficacy": 1.0}, "unedited": {},
+           "metrics_by_protocol": {"zsre-token-acc@1": {"efficacy": 1.0}, "zsre-token-acc@2": {"efficacy": 2.0}},
+           "unedited_by_protocol": {"zsre-token-acc@1": {}, "zsre-token-acc@2": {"efficacy": 0.5}},
+           "curve": [{"step": 1}]}
+    new = with_preferred_headline(old)
+    assert (new["protocol"], new["metrics"], new["unedited"]) == ("zsre-token-acc@2", {"efficacy": 2.0},
+                                                                  {"efficacy": 0.5})
+    assert "curve" not in new and old["protocol"] == "zsre-token-acc@1"  # the summary itself is not changed
+    only_v1 = {**old, "metrics_by_protocol": {"zsre-token-acc@1": {"efficacy": 1.0}}}
+    assert with_preferred_headline(only_v1) is only_v1
