@@ -13,11 +13,11 @@ from rledit.methods.rledit.config import RLEditHparams, TrainHparams
 from rledit.methods.rledit.trainer import RLEditTrainer
 
 
-def _trainer(tokenizer, out, episodes, init_from=None, layers=(2, 3), **train):
+def _trainer(tokenizer, out, episodes, init_from=None, layers=(2, 3), memory_init=0.0, **train):
     torch.manual_seed(0)
     settings = {"episodes": episodes, "steps_per_episode": 2, "batch": 2, "back_depth": 2, "meta_lr": 1e-3,
                     "scalar_meta_lr": 3e-1, "checkpoint_every": 2, "loc_reference": "unedited"} | train
-    hparams = RLEditHparams(rank=16, lr_init=30.0, train=TrainHparams(**settings))
+    hparams = RLEditHparams(rank=16, lr_init=30.0, memory_init=memory_init, train=TrainHparams(**settings))
     editor = Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, hparams=hparams, layers=list(layers))
     requests = load_requests("zsre", "train", limit=4)  # the same 4 edits every episode: a loss that can fall
     return RLEditTrainer(editor, requests, out, progress=False, init_from=init_from)
@@ -36,11 +36,14 @@ def test_training_reduces_the_sequence_loss_and_writes_a_checkpoint(tokenizer, t
     assert trainer.editor.store.steps == []  # the model is left unedited
 
 
-def test_resume_continues_exactly(tokenizer, tmp_path):
-    straight = _trainer(tokenizer, tmp_path / "straight", episodes=4)
+@pytest.mark.parametrize("settings", [{}, {"memory_init": 1.0, "backtracking": "sampled", "back_samples": 1,
+                                           "back_depth": 1}], ids=["window", "sampled-memory"])
+def test_resume_continues_exactly(tokenizer, tmp_path, settings):
+    straight = _trainer(tokenizer, tmp_path / "straight", episodes=4, **settings)
     straight.train()
-    _trainer(tokenizer, tmp_path / "split", episodes=2).train()
-    resumed = _trainer(tokenizer, tmp_path / "split", episodes=4)
+    _trainer(tokenizer, tmp_path / "split", episodes=2, **settings).train()
+    assert not [k for k in torch.load(tmp_path / "split" / "trainer_state.pt")["method"] if "key_memory" in k]
+    resumed = _trainer(tokenizer, tmp_path / "split", episodes=4, **settings)
     resumed.train(resume=True)
     a, b = straight.method.state_dict(), resumed.method.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -47,6 +47,7 @@ from rledit.eval.protocols import as_question
 from rledit.eval.relations import same_relation_pair
 from rledit.files import atomic_file
 from rledit.hooks import answer_token_loss, capture_features
+from rledit.methods.memory import split_memory_state
 from rledit.methods.rledit.method import RLEditMethod, factored_frobenius_sq
 from rledit.prefix import Prefix
 from rledit.tokens import TokenBatch, answer_logits, encode
@@ -367,7 +368,8 @@ class RLEditTrainer:
         state = {"episode": self.episode, "global_step": self.global_step, "order": self.order,
                  "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
                  "first_loss": self.first_loss, "best_score": self.best_score,
-                 "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict()}
+                 "method": split_memory_state(self.method.state_dict())[0],  # the next episode starts empty
+                 "optimizer": self.optimizer.state_dict()}
         with atomic_file(self.out_dir / STATE_FILE) as temporary:
             torch.save(state, temporary)
         self.editor.save_checkpoint(self.out_dir / f"editor-ep{self.episode:05d}", extra=self._training_facts())
