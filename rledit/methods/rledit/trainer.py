@@ -329,8 +329,8 @@ class RLEditTrainer:
             with editor.store.bypassed():
                 self.validation_references = compute_references(editor.model, editor.tokenizer, self.validation,
                                                                 [protocol])
+        self._clear_steps()  # the episode's edits are done with; the normaliser's statistics are restored below
         saved = {k: v.clone() for k, v in self.method.state_dict().items()}
-        self._clear_steps()
         start = time.perf_counter()
         with torch.no_grad():
             for i in range(0, len(self.validation), hp.validation_batch):
