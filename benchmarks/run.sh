@@ -43,3 +43,12 @@ for targets in all multitoken; do
     --data "$data" --protocols cf-prob@1 zsre-token-acc@1 gen-exact@1 --methods alphaedit --layers 18 19 20 21 \
     --out "benchmarks/results/ablation-cf-multitoken/$targets-targets"
 done
+
+# zsRE eval 50 x 20 scored once at the end by zsre-token-acc@2 (headline) and @1: the long-horizon RLEdit work
+# (benchmarks/results/zsre-50x20-v2/README.md; settings chosen by benchmarks/validation_sweep.py on training data)
+V2=(--data zsre --steps 50 --batch 20 --timing end --protocols zsre-token-acc@2 zsre-token-acc@1 --out benchmarks/results/zsre-50x20-v2)
+bench "${V2[@]}" --methods rledit:smollm2-135m-zsre
+bench "${V2[@]}" --methods rledit --set method.memory_init=1.0 method.corpus_init=1000.0 \
+  method.corpus=zsre-train-questions method.stats_samples=4000 --label "rledit+memory+C0 (untrained)"
+bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-memory-c0-ep1 \
+  --label "rledit:zsre-memory-c0-ep1 (1 episode of 50 x 20)"
