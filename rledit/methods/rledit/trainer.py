@@ -185,6 +185,8 @@ class RLEditTrainer:
         for t in range(hp.steps_per_episode):
             history.append(self._tokenise(steps[t]))
             metrics = self.learn_step(history[-1], *self._past(history[:-1]))
+            if hp.backtracking == "window":  # older steps are never looked at again: free their cached tensors
+                history = history[-(hp.back_depth - 1):] if hp.back_depth > 1 else []
             self.global_step += 1
             if self.global_step % hp.update_every == 0:
                 self._optimiser_step()
