@@ -5,6 +5,10 @@ rledit.eval.relations; the "zsre-train-questions" corpus and the trainer's same-
 half), in a seeded shuffle. Each setting is a trained editor plus top-level hparams overrides (JSON), applied to
 the whole stream and scored at the end with zsre-token-acc@2. Writes sweep.json and sweep.md to --out.
 
+A setting may also hold ``"scale": {"lr": x, "alpha": y, "beta": z, "ridge": w}``: multipliers applied to the
+editor's learned per-module scalars after it is loaded (a trained editor's own lr, α, β, e^λ; hparams
+overrides only reach scalars that the checkpoint does not hold), to map the efficacy/locality trade-off.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/validation_sweep.py --checkpoint smollm2-135m-zsre \\
         --setting '{}' --setting '{"memory_init": 1.0}' --out benchmarks/results/sweeps/memory
 """
@@ -38,6 +42,21 @@ def validation_stream(n: int, seed: int) -> list:
     return records[:n]
 
 
+SCALARS = {"lr": "log_lr", "ridge": "ridge_log", "beta": "memory_log", "alpha": "corpus_log"}
+
+
+def scale_scalars(net: torch.nn.Module, scale: dict) -> None:
+    """Multiply the network's learned per-module scalars (natural units) by ``scale``'s factors."""
+    unknown = sorted(set(scale) - set(SCALARS))
+    if unknown:
+        raise SystemExit(f"unknown scalars {unknown} in a setting's scale; known: {sorted(SCALARS)}")
+    with torch.no_grad():
+        for key, factor in scale.items():
+            if factor <= 0:
+                raise SystemExit(f"scale {key} must be positive, got {factor}")
+            getattr(net, SCALARS[key]).add_(float(torch.log(torch.tensor(float(factor)))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="trained editor (default: the untrained rledit editor)")
@@ -56,8 +75,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for setting in args.setting:
         overrides = json.loads(setting)
+        scale = overrides.pop("scale", {})
         editor = Editor.from_pretrained(loaded.model, tokenizer=loaded.tokenizer, checkpoint=args.checkpoint,
                                         hparams=overrides or None, layers=args.layers)
+        scale_scalars(editor.method.hypernet, scale)
+        if scale:
+            overrides["scale"] = scale
         if references is None:
             references = editor.references(stream, [PROTOCOL])
         start = time.perf_counter()

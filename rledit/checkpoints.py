@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import rledit
-from rledit.files import atomic_directory
+from rledit.files import atomic_directory, file_sha256, read_json, read_safetensors
 from rledit.methods.memory import split_memory_state
 from rledit.targets import EditTarget
 
@@ -25,6 +25,7 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "editors"
 META_FILE = "checkpoint.json"
 STATE_FILE = "checkpoint.safetensors"
 FORMAT = "rledit-checkpoint"
+VERSIONS = (1, 2)  # 2 adds state_sha256 (required from 2 on)
 
 
 class CheckpointError(ValueError):
@@ -77,20 +78,30 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
 
 
 def read_checkpoint(name_or_path: str | Path) -> Checkpoint:
-    """Read and check a checkpoint folder (or shipped name)."""
+    """Read and check a checkpoint folder (or shipped name): format, version, the state file's sha256."""
     folder = resolve_checkpoint(name_or_path)
     try:
-        meta = json.loads((folder / META_FILE).read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
-        state = load_file(str(folder / STATE_FILE))
-        return Checkpoint(
-            path=folder, method=meta["method"], hparams=meta["hparams"], model=meta["model"],
+        meta = read_json(folder / META_FILE)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{META_FILE} is not an rledit checkpoint description")
+        if meta.get("version") not in VERSIONS:
+            raise ValueError(f"{META_FILE} has format version {meta.get('version')!r}; this rledit reads {VERSIONS}")
+        digest = meta.get("state_sha256")
+        if meta["version"] >= 2 and not isinstance(digest, str):
+            raise ValueError(f"{META_FILE} has no state_sha256")
+        state = read_safetensors(folder / STATE_FILE, digest)
+        checkpoint = Checkpoint(
+            path=folder, method=meta["method"], hparams=dict(meta["hparams"]), model=meta["model"],
             layers=list(meta["layers"]), modules=list(meta["modules"]),
-            targets=[list(t) for t in meta["targets"]], state=state, extra=meta.get("extra", {}),
+            targets=[list(t) for t in meta["targets"]], state=state, extra=dict(meta.get("extra", {})),
         )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:  # FileFormatError is a ValueError
         raise CheckpointError(f"{folder} is not a readable editor checkpoint: {exc}") from exc
+    if not (isinstance(checkpoint.method, str) and isinstance(checkpoint.model, str)
+            and all(isinstance(x, int) for x in checkpoint.layers)
+            and all(isinstance(x, str) for x in checkpoint.modules)):
+        raise CheckpointError(f"{folder / META_FILE} is malformed: method, model, layers or modules of the wrong type")
+    return checkpoint
 
 
 def write_checkpoint(path: str | Path, method: Any, targets: Sequence[EditTarget], model_name: str,
@@ -100,7 +111,7 @@ def write_checkpoint(path: str | Path, method: Any, targets: Sequence[EditTarget
     hparams = getattr(method, "hparams", None)
     meta = {
         "format": FORMAT,
-        "version": 1,
+        "version": 2,
         "rledit_version": rledit.__version__,
         "method": method.name,
         "hparams": asdict(hparams) if is_dataclass(hparams) else {},
@@ -112,7 +123,8 @@ def write_checkpoint(path: str | Path, method: Any, targets: Sequence[EditTarget
     }
     trained, _ = split_memory_state(method.state_dict())  # what was learned, not the edits' key memory
     state = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
-    with atomic_directory(Path(path), META_FILE) as folder:
+    with atomic_directory(Path(path), "checkpoint") as folder:
         save_file(state, str(folder / STATE_FILE))
+        meta["state_sha256"] = file_sha256(folder / STATE_FILE)
         (folder / META_FILE).write_text(json.dumps(meta, indent=1))
     return Path(path)

@@ -22,24 +22,26 @@ import hashlib
 import json
 import os
 import re
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from rledit.files import atomic_directory, file_sha256
+from rledit.files import FileFormatError, atomic_directory, file_sha256, read_json, read_safetensors
 from rledit.targets import EditTarget
 
 FORMAT = "rledit-delta-store"
 FORMAT_VERSION = 1
 META_FILE = "deltas.json"
 TENSOR_FILE = "deltas.safetensors"
-PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its attached stores
 
 Update = Union[torch.Tensor, "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -89,15 +91,28 @@ def model_hash(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def weight_digests(targets: Mapping[str, EditTarget]) -> dict[str, str]:
+    """sha256 per edited module of its base weight (dtype, shape and bytes): what a save's edits were made on."""
+    digests = {}
+    for name, target in targets.items():
+        weight = target.weight
+        digest = hashlib.sha256(f"{weight.dtype}|{tuple(weight.shape)}".encode())
+        digest.update(tensor_bytes(weight))
+        digests[name] = digest.hexdigest()
+    return digests
+
+
 class DeltaStore:
     """Per-step fp32 updates of a model's edited modules, applied through forward hooks.
 
     Works with any ``nn.Module`` whose targets come from :func:`rledit.targets.resolve_targets` or
     :func:`rledit.targets.make_target`; Hugging Face models additionally get a config-based fingerprint.
     Call :meth:`detach` to remove the hooks (the model then behaves as if no step had been applied).
+    A model carries one attached store at a time unless ``stack=True`` (a private store on top of another,
+    as the methods that train through the model use).
     """
 
-    def __init__(self, model: nn.Module, targets: Sequence[EditTarget]) -> None:
+    def __init__(self, model: nn.Module, targets: Sequence[EditTarget], stack: bool = False) -> None:
         targets = list(targets)
         if not targets:
             raise DeltaError("a delta store needs at least one edit target")
@@ -110,6 +125,13 @@ class DeltaStore:
         outside = [t.name for t in targets if id(t.module) not in in_model]
         if outside:
             raise DeltaError(f"targets {outside} are not modules of the given model")
+        carried = [s for s in _ATTACHED.get(model, []) if s._handles]
+        if carried and not stack:
+            raise DeltaError(
+                f"this model already carries an rledit delta store ({len(carried[0])} step(s), modules "
+                f"{list(carried[0].targets)}): a second one would stack its edits on top and its unedited view "
+                "would still hold the first one's. Detach the first (editor.store.detach()), or pass stack=True"
+            )
         self.model = model
         self.targets: dict[str, EditTarget] = {t.name: t for t in targets}
         self._steps: dict[int, dict[str, ModuleUpdate]] = {}
@@ -118,6 +140,7 @@ class DeltaStore:
         self._bypass = False
         self._next_id = 0
         self._handles = [t.module.register_forward_hook(self._make_hook(t.name)) for t in targets]
+        _ATTACHED.setdefault(model, []).append(self)
 
     # ----------------------------------------------------------------------------------------- applying
     def _make_hook(self, name: str):
@@ -251,6 +274,9 @@ class DeltaStore:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        attached = _ATTACHED.get(self.model, [])
+        if self in attached:
+            attached.remove(self)
 
     def _check_attached(self) -> None:
         if not self._handles:
@@ -338,27 +364,30 @@ class DeltaStore:
                     tensors[f"{step_id}/{name}/{label}"] = tensor.detach().cpu().contiguous()
             steps.append({"id": step_id, "updates": entry})
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": self.fingerprint(),
-                "next_step_id": self._next_id, "steps": steps}
-        with atomic_directory(Path(path), META_FILE) as folder:
+                "base_weights_sha256": weight_digests(self.targets), "next_step_id": self._next_id, "steps": steps}
+        with atomic_directory(Path(path), "delta-store") as folder:
             save_file(tensors, str(folder / TENSOR_FILE), metadata={"format": "pt"})
             meta["tensors_sha256"] = file_sha256(folder / TENSOR_FILE)
             (folder / META_FILE).write_text(json.dumps(meta, indent=1))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module, targets: Sequence[EditTarget]) -> DeltaStore:
-        """A new store on ``model`` holding the steps saved in ``path`` (see :meth:`load_into`)."""
+    def load(cls, path: str | os.PathLike, model: nn.Module, targets: Sequence[EditTarget],
+             check_weights: bool = True) -> DeltaStore:
+        """A new store on ``model`` holding the steps saved in ``path`` (see :meth:`load_into`); on failure the
+        model is left without it."""
         store = cls(model, targets)
         try:
-            store.load_into(path)
+            store.load_into(path, check_weights=check_weights)
         except BaseException:
             store.detach()
             raise
         return store
 
-    def load_into(self, path: str | os.PathLike) -> None:
+    def load_into(self, path: str | os.PathLike, check_weights: bool = True) -> None:
         """Replace this store's steps by those saved in ``path``.
 
-        The folder is fully checked first (files present and intact, same model fingerprint, every tensor with
+        The folder is fully checked first (files present and intact, same model fingerprint, with
+        ``check_weights`` the same base weights of the edited modules as when it was saved, every tensor with
         the right name, dtype, shape and finite values); any problem raises :class:`DeltaError` naming it, and
         the store is left unchanged.
         """
@@ -370,15 +399,19 @@ class DeltaStore:
             diffs = [f"{k}: saved {saved.get(k)!r}, this model {current.get(k)!r}"
                      for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
             raise DeltaError(f"{folder} was saved from another model or target set: " + "; ".join(diffs))
-        tensor_file = folder / TENSOR_FILE
-        if not tensor_file.is_file():
-            raise DeltaError(f"{tensor_file} is missing; the folder is incomplete")
-        if file_sha256(tensor_file) != meta.get("tensors_sha256"):
-            raise DeltaError(f"{tensor_file} does not match its checksum in {META_FILE}: corrupted")
+        saved_weights = meta.get("base_weights_sha256")
+        if check_weights and saved_weights is not None:
+            changed = sorted(n for n, d in weight_digests(self.targets).items() if saved_weights.get(n) != d)
+            if changed:
+                raise DeltaError(
+                    f"{folder} was saved on other base weights of {changed[:4]} (another fine-tune or checkpoint "
+                    "of this architecture, another dtype, or weights merged since): its edits were made for "
+                    "those weights. Load it into the model it was made on, or pass check_weights=False"
+                )
         try:
-            tensors = load_file(str(tensor_file))
-        except Exception as exc:  # safetensors raises its own error types for garbled files
-            raise DeltaError(f"{tensor_file} cannot be read: {exc}") from exc
+            tensors = read_safetensors(folder / TENSOR_FILE, meta.get("tensors_sha256"))
+        except FileFormatError as exc:
+            raise DeltaError(str(exc)) from exc
         steps = self._parse_steps(meta, tensors, folder)
         totals = {name: _sum_steps(steps, name) for name in self.targets}
         self._steps = steps
@@ -450,7 +483,7 @@ class DeltaStore:
             fan_in_fan_out=orientations.pop(), task_type="CAUSAL_LM" if is_causal_lm else None,
             base_model_name_or_path=base_model_name_or_path or getattr(self.model, "name_or_path", None),
         )
-        with atomic_directory(Path(path), PEFT_CONFIG_FILE) as folder:
+        with atomic_directory(Path(path), "peft-adapter") as folder:
             config.save_pretrained(str(folder))
             save_file(tensors, str(folder / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
 
@@ -496,9 +529,9 @@ def _read_meta(folder: Path) -> dict:
     if not meta_file.is_file():
         raise DeltaError(f"{meta_file} is missing; {folder} is not a saved delta store")
     try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DeltaError(f"{meta_file} cannot be read as JSON: {exc}") from exc
+        meta = read_json(meta_file)
+    except FileFormatError as exc:
+        raise DeltaError(str(exc)) from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DeltaError(f"{meta_file} is not an rledit delta store description")
     if meta.get("version") != FORMAT_VERSION:
@@ -507,4 +540,9 @@ def _read_meta(folder: Path) -> dict:
         )
     if not isinstance(meta.get("fingerprint"), dict):
         raise DeltaError(f"{meta_file} has no model fingerprint")
+    if not isinstance(meta.get("tensors_sha256"), str):
+        raise DeltaError(f"{meta_file} has no tensors_sha256")
+    weights = meta.get("base_weights_sha256")
+    if weights is not None and not (isinstance(weights, dict) and all(isinstance(v, str) for v in weights.values())):
+        raise DeltaError(f"{meta_file} has a malformed base_weights_sha256")
     return meta

@@ -19,20 +19,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 import rledit
 from rledit.checkpoints import read_checkpoint, write_checkpoint
 from rledit.deltas import DeltaError, DeltaStore
-from rledit.files import atomic_directory
+from rledit.files import atomic_directory, file_sha256, read_json, read_safetensors
 from rledit.hooks import capture_features
 from rledit.methods import EditMethod, get_method
-from rledit.targets import EditTarget, resolve_targets
+from rledit.targets import EditTarget, TargetError, resolve_targets
 from rledit.tokens import context_length, encode
 from rledit.types import EditRequest, EditRequestError, EditStep
 
 EDITOR_FILE = "editor.json"
+EDITOR_FORMAT = "rledit-editor"
+EDITOR_VERSIONS = (1, 2)  # 2 adds method_state_sha256 (required from 2 on)
 METHOD_STATE_FILE = "method_state.safetensors"
 DELTAS_DIR = "deltas"
 
@@ -115,6 +117,10 @@ class Editor:
             if unknown:
                 raise EditorError(f"hparams {unknown} are not settings of a {saved.method} editor: {sorted(fields)}")
             method, hparams = saved.method, {**saved.hparams, **overrides}
+            for given, fixed, what in ((layers, saved.layers, "layers"), (modules, saved.modules, "modules")):
+                if given is not None and list(given) != list(fixed):
+                    raise EditorError(f"checkpoint {checkpoint} edits {what} {list(fixed)}; {what}={list(given)} "
+                                      f"cannot change that (leave {what} out, or train an editor for them)")
             layers, modules = saved.layers, saved.modules
         if isinstance(model_or_name, nn.Module):
             if tokenizer is None:
@@ -126,13 +132,23 @@ class Editor:
             loaded = load_model(str(model_or_name), dtype=dtype, device=device)
             model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
         edit_method = build_method(method, hparams)
-        targets = resolve_targets(model, layers, modules)
+        try:
+            targets = resolve_targets(model, layers, modules)
+        except TargetError as exc:
+            if saved is None:
+                raise
+            raise EditorError(f"checkpoint {checkpoint} was trained for {saved.model!r} (layers {saved.layers}, "
+                              f"modules {saved.modules}) and does not fit this model: {exc}") from exc
         if saved is not None:
             saved.check_targets(targets)
         editor = cls(model, tokenizer, edit_method, targets, model_name=name,
                      checkpoint=str(checkpoint) if checkpoint is not None else None)
         if saved is not None:
-            edit_method.load_state_dict(saved.state)
+            try:
+                edit_method.load_state_dict(saved.state)
+            except BaseException:
+                editor.store.detach()
+                raise
         return editor
 
     # ------------------------------------------------------------------------------------------ editing
@@ -207,8 +223,8 @@ class Editor:
     def save(self, path: str | Path) -> None:
         """Save the applied steps, the method's state and how to rebuild this editor, atomically."""
         description = {
-            "format": "rledit-editor",
-            "version": 1,
+            "format": EDITOR_FORMAT,
+            "version": 2,
             "rledit_version": rledit.__version__,
             "model": self.model_name,
             "method": self.method.name,
@@ -219,44 +235,48 @@ class Editor:
             "modules": list(dict.fromkeys(t.name.rsplit(".", 1)[-1] for t in self.targets)),
             "steps": [vars(s) | {"ranks": dict(s.ranks)} for s in self.steps],
         }
-        with atomic_directory(Path(path), EDITOR_FILE) as folder:
+        with atomic_directory(Path(path), "editor") as folder:
             self.store.save(folder / DELTAS_DIR)
             save_file({k: v.detach().cpu().contiguous() for k, v in self.method.state_dict().items()},
                       str(folder / METHOD_STATE_FILE))
+            description["method_state_sha256"] = file_sha256(folder / METHOD_STATE_FILE)
             (folder / EDITOR_FILE).write_text(json.dumps(description, indent=1))
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None, tokenizer: Any = None,
-             dtype: str = "float32", device: str | None = None) -> Editor:
-        """Rebuild a saved editor (loading its model by name unless ``model``/``tokenizer`` are given)."""
+             dtype: str = "float32", device: str | None = None, check_weights: bool = True) -> Editor:
+        """Rebuild a saved editor (loading its model by name unless ``model``/``tokenizer`` are given).
+
+        Everything is checked (the description's format and version, the method state's and the deltas'
+        sha256, the model's layout, and with ``check_weights`` that the edited modules' base weights are the
+        ones the edits were made on); on any problem an :class:`EditorError` names it and a given ``model`` is
+        left exactly as it was.
+        """
         folder = Path(path)
-        try:
-            description = json.loads((folder / EDITOR_FILE).read_text())
-            if description.get("format") != "rledit-editor":
-                raise ValueError("not an rledit editor description")
-            state = load_file(str(folder / METHOD_STATE_FILE))
-        except (OSError, ValueError, json.JSONDecodeError) as exc:
-            raise EditorError(f"{folder} is not a readable saved editor: {exc}") from exc
+        description, state = _read_saved_editor(folder)
         editor = cls.from_pretrained(
             model if model is not None else description["model"], method=description["method"],
             hparams=description["hparams"], tokenizer=tokenizer, layers=description["layers"],
             modules=description["modules"], dtype=dtype, device=device,
         )
-        saved_targets = [list(t) for t in description["targets"]]
-        current = [[t.name, t.d_in, t.d_out] for t in editor.targets]
-        if saved_targets != current:
-            editor.store.detach()
-            raise EditorError(f"{folder} was saved for modules {saved_targets}, this model has {current}")
         try:
+            saved_targets = [list(t) for t in description["targets"]]
+            current = [[t.name, t.d_in, t.d_out] for t in editor.targets]
+            if saved_targets != current:
+                raise EditorError(f"{folder} was saved for modules {saved_targets}, this model has {current}")
             editor.method.load_state_dict(state)
-            editor.store.load_into(folder / DELTAS_DIR)
-        except (DeltaError, ValueError, KeyError, RuntimeError) as exc:
+            editor.store.load_into(folder / DELTAS_DIR, check_weights=check_weights)
+            editor.checkpoint = description.get("checkpoint")
+            for s in description["steps"]:
+                editor.history[s["id"]] = EditStep(id=s["id"], n_edits=s["n_edits"], ranks=dict(s["ranks"]),
+                                                   seconds=s["seconds"])
+        except BaseException as exc:
             editor.store.detach()
-            raise EditorError(f"{folder} cannot be loaded into this model: {exc}") from exc
-        editor.checkpoint = description.get("checkpoint")
-        for s in description["steps"]:
-            editor.history[s["id"]] = EditStep(id=s["id"], n_edits=s["n_edits"], ranks=s["ranks"],
-                                               seconds=s["seconds"])
+            if isinstance(exc, EditorError):
+                raise
+            if isinstance(exc, (DeltaError, ValueError, KeyError, TypeError, RuntimeError)):
+                raise EditorError(f"{folder} cannot be loaded into this model: {exc}") from exc
+            raise
         return editor
 
     def save_checkpoint(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
@@ -288,3 +308,34 @@ def method_hparams_dict(method: EditMethod) -> dict[str, Any]:
     hparams = getattr(method, "hparams", None)
     return asdict(hparams) if is_dataclass(hparams) else {}
 
+
+
+def _read_saved_editor(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checked description (``editor.json``) and method state of a saved editor, or an EditorError."""
+    try:
+        description = read_json(folder / EDITOR_FILE)
+        if not isinstance(description, dict) or description.get("format") != EDITOR_FORMAT:
+            raise ValueError(f"{EDITOR_FILE} is not an rledit editor description")
+        version = description.get("version")
+        if version not in EDITOR_VERSIONS:
+            raise ValueError(f"{EDITOR_FILE} has format version {version!r}; this rledit reads {EDITOR_VERSIONS}")
+        expected = {"model": str, "method": str, "hparams": dict, "layers": list, "modules": list,
+                    "targets": list, "steps": list}
+        wrong = [k for k, kind in expected.items() if not isinstance(description.get(k), kind)]
+        if wrong:
+            raise ValueError(f"{EDITOR_FILE} has missing or mistyped fields {wrong}")
+        malformed = [step for step in description["steps"] if not _is_step_entry(step)]
+        if malformed:
+            raise ValueError(f"{EDITOR_FILE} has a malformed step entry {str(malformed[0])[:80]}")
+        digest = description.get("method_state_sha256")
+        if version >= 2 and not isinstance(digest, str):
+            raise ValueError(f"{EDITOR_FILE} has no method_state_sha256")
+        state = read_safetensors(folder / METHOD_STATE_FILE, digest)
+    except ValueError as exc:  # FileFormatError is a ValueError
+        raise EditorError(f"{folder} is not a readable saved editor: {exc}") from exc
+    return description, state
+
+
+def _is_step_entry(step: Any) -> bool:
+    return (isinstance(step, dict) and isinstance(step.get("id"), int) and isinstance(step.get("n_edits"), int)
+            and isinstance(step.get("ranks"), dict) and isinstance(step.get("seconds"), (int, float)))

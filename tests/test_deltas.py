@@ -139,7 +139,7 @@ def test_save_load_round_trip(llama, tokenizer, tmp_path):
 
     other_model = tiny_model("llama")
     other = DeltaStore(other_model, _targets(other_model))
-    with pytest.raises(FileExistsError, match="not an earlier save"):
+    with pytest.raises(FileExistsError, match="not an earlier rledit save"):
         (tmp_path / "foreign").mkdir()
         (tmp_path / "foreign" / "notes.txt").write_text("keep me")
         other.save(tmp_path / "foreign")
@@ -350,10 +350,18 @@ def test_plain_mlp_without_hugging_face(tmp_path):
                                    "targets": [["0", 6, 8], ["2", 8, 3]]}
     assert store.rank(0) == {"0": 6, "2": 1}
     store.save(tmp_path / "mlp")
-    fresh = copy.deepcopy(reference)  # any Sequential of the same shapes
-    fresh_targets = [make_target("0", fresh[0]), make_target("2", fresh[2])]
-    loaded = DeltaStore.load(tmp_path / "mlp", fresh, fresh_targets)
+    fresh = copy.deepcopy(mlp)  # the same base weights, without the store's hooks
+    fresh._forward_hooks.clear()
+    for layer in fresh:
+        layer._forward_hooks.clear()
+    loaded = DeltaStore.load(tmp_path / "mlp", fresh, [make_target("0", fresh[0]), make_target("2", fresh[2])])
     assert loaded.state_hash(include_model=False) == store.state_hash(include_model=False)
+    torch.testing.assert_close(fresh(x), mlp(x))
+    other_targets = [make_target("0", reference[0]), make_target("2", reference[2])]  # same shapes, other weights
+    with pytest.raises(DeltaError, match=r"saved on other base weights of \['0', '2'\].*check_weights=False"):
+        DeltaStore.load(tmp_path / "mlp", reference, other_targets)
+    assert not reference[0]._forward_hooks  # the refused load left nothing behind
+    DeltaStore.load(tmp_path / "mlp", reference, other_targets, check_weights=False).detach()
 
 
 def test_store_bookkeeping(llama):

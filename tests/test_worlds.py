@@ -149,6 +149,7 @@ def test_goal_terminates_with_bonus_and_budget_truncates():
     _, reward, terminated, truncated, info = world.step(action)
     assert terminated and not truncated and info["goal_met"]
     assert reward == pytest.approx(1.0 + 2.0)
+    world.close()  # one store per model: the next world starts from the unedited model
     world = make_world("maskworld", model, ["fc3"], lambda m: 1.0, lambda m: 1.0, WorldConfig(max_steps=2))
     world.reset()
     assert world.step(action)[3] is False
@@ -205,12 +206,15 @@ def test_failing_or_non_finite_evaluators_give_clear_errors():
     def broken(m):
         raise RuntimeError("scoring data missing")
 
-    with pytest.raises(WorldError, match="task evaluator failed: RuntimeError: scoring data missing"):
-        make("shiftworld", model, task=broken).reset()
-    with pytest.raises(WorldError, match="utility evaluator must return a finite number, got nan"):
-        make("maskworld", model, utility=lambda m: float("nan")).reset()
-    with pytest.raises(WorldError, match="finite number, got 'high'"):
-        make("maskworld", model, task=lambda m: "high").reset()
+    with pytest.raises(WorldError, match="task evaluator failed: RuntimeError: scoring data missing"), \
+            make("shiftworld", model, task=broken) as world:
+        world.reset()
+    with pytest.raises(WorldError, match="utility evaluator must return a finite number, got nan"), \
+            make("maskworld", model, utility=lambda m: float("nan")) as world:
+        world.reset()
+    with pytest.raises(WorldError, match="finite number, got 'high'"), \
+            make("maskworld", model, task=lambda m: "high") as world:
+        world.reset()
 
 
 def test_invalid_world_settings():

@@ -41,7 +41,7 @@ def frozen_model(model: nn.Module) -> Iterator[nn.Module]:
 def temporary_store(model: nn.Module, targets: Sequence[EditTarget]) -> Iterator[DeltaStore]:
     """A private delta store on ``targets`` for the duration of the block (use its ``pending``); its hooks are
     removed on exit. It never holds a step, so outside ``pending`` it adds nothing."""
-    store = DeltaStore(model, targets)
+    store = DeltaStore(model, targets, stack=True)  # on top of the editor's own store, if any
     try:
         yield store
     finally:

@@ -1,0 +1,211 @@
+"""Nothing lost, nothing silently wrong: saves never touch foreign files, failed loads leave the model as it
+was, damaged or mismatched files are refused by name.
+
+Each test is the regression test of one defect class of the reliability review (issue "Nothing lost, nothing
+silently wrong"); the kill-at-every-rename and random-kill tests of atomic saves are in test_files.py.
+"""
+
+import copy
+import json
+import multiprocessing
+import os
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from rledit.checkpoints import CheckpointError, read_checkpoint, shipped_checkpoints
+from rledit.deltas import DeltaError, DeltaStore
+from rledit.editor import Editor, EditorError
+from rledit.files import SAVE_MARKER, ForeignFolderError
+from rledit.tokens import answer_logits, encode
+
+EDITS = [{"prompt": "The capital of France is", "target_new": "Rome"},
+         {"prompt": "The mother tongue of Danielle Darrieux is", "target_new": "German"}]
+
+
+def _model():
+    torch.manual_seed(0)
+    return tiny_model("llama")
+
+
+def _editor(tokenizer, model=None, **kwargs):
+    return Editor.from_pretrained(model if model is not None else _model(), tokenizer=tokenizer, layers=[2, 3],
+                                  **kwargs)
+
+
+def _untouched(model):
+    return all(not m._forward_hooks for m in model.modules())
+
+
+def _logits(model, tokenizer):
+    with torch.no_grad():
+        return answer_logits(model, encode(tokenizer, ["The capital of France is"], ["Rome"]))
+
+
+def _project_folder(tmp_path, own_file):
+    """A user's folder that happens to hold a file with one of our names, beside their own files."""
+    folder = tmp_path / "project"
+    (folder / "src").mkdir(parents=True)
+    (folder / own_file).write_text('{"format": "rledit-editor", "version": 2}')
+    (folder / "notes.md").write_text("my notes")
+    (folder / "src" / "main.py").write_text("print('hi')")
+    return folder
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("own_file", ["editor.json", "deltas.json", "adapter_config.json"])
+def test_no_save_replaces_a_folder_that_merely_holds_a_file_with_our_name(tokenizer, tmp_path, own_file):
+    editor = _editor(tokenizer)
+    editor.apply(EDITS)
+    folder = _project_folder(tmp_path, own_file)
+    before = _files(folder)
+    for save in (editor.save, editor.store.save, editor.store.export_peft):
+        with pytest.raises(ForeignFolderError, match="not an earlier rledit save"):
+            save(folder)
+        assert _files(folder) == before and (folder / "notes.md").read_text() == "my notes"
+    editor.save(tmp_path / "saved")
+    (tmp_path / "saved" / "my-results.csv").write_text("a,b")  # a user's file beside our save
+    with pytest.raises(ForeignFolderError, match="my-results.csv"):
+        editor.save(tmp_path / "saved")
+    assert (tmp_path / "saved" / "my-results.csv").read_text() == "a,b"
+    with pytest.raises(ForeignFolderError, match="'editor' save, not a 'peft-adapter'"):
+        editor.store.export_peft(tmp_path / "saved")
+
+
+def _save_and_die_after_the_swap(editor, path):
+    import rledit.files as files
+
+    real = files._exchange
+
+    def swap_then_die(a, b):
+        real(a, b)
+        os._exit(9)
+
+    files._exchange = swap_then_die
+    editor.save(path)
+    os._exit(0)
+
+
+def test_an_editor_save_killed_after_its_swap_leaves_the_new_save_loadable(tokenizer, tmp_path):
+    editor = _editor(tokenizer)
+    editor.apply(EDITS[0])
+    editor.save(tmp_path / "saved")
+    editor.apply(EDITS[1])
+    child = multiprocessing.get_context("fork").Process(target=_save_and_die_after_the_swap,
+                                                        args=(editor, tmp_path / "saved"))
+    child.start()
+    child.join()
+    assert child.exitcode == 9
+    editor.store.detach()
+    loaded = Editor.load(tmp_path / "saved", model=_model(), tokenizer=tokenizer)
+    assert len(loaded.steps) == 2
+    assert len(list(tmp_path.iterdir())) == 2  # the hidden old copy is still there ...
+    loaded.save(tmp_path / "saved")
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # ... until the next save tidies it
+
+
+def test_a_failed_load_leaves_the_given_model_exactly_as_it_was(tokenizer, tmp_path):
+    editor = _editor(tokenizer)
+    editor.apply(EDITS)
+    editor.save(tmp_path / "saved")
+    tensors = tmp_path / "saved" / "deltas" / "deltas.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-3] ^= 0x10  # one flipped bit in the deltas: detected after the store was attached
+    tensors.write_bytes(bytes(data))
+    model = _model()
+    reference = _logits(model, tokenizer)
+    with pytest.raises(EditorError, match="does not match its recorded sha256"):
+        Editor.load(tmp_path / "saved", model=model, tokenizer=tokenizer)
+    assert _untouched(model) and torch.equal(_logits(model, tokenizer), reference)
+
+    description = tmp_path / "saved" / "editor.json"
+    for damage in ('{"format": "rledit-editor", "version": 2, "model": 3}', "[" * 50000 + "]" * 50000,
+                   json.dumps({**json.loads(json.dumps({"format": "rledit-editor"})), "version": 99})):
+        description.write_text(damage)
+        with pytest.raises(EditorError, match="not a readable saved editor"):
+            Editor.load(tmp_path / "saved", model=model, tokenizer=tokenizer)
+        assert _untouched(model)
+
+
+def test_one_model_carries_one_store_so_loads_and_editors_never_stack(tokenizer, tmp_path):
+    editor = _editor(tokenizer)
+    editor.apply(EDITS)
+    editor.save(tmp_path / "saved")
+    model = _model()
+    first = Editor.load(tmp_path / "saved", model=model, tokenizer=tokenizer)
+    edited = _logits(model, tokenizer)
+    with pytest.raises(DeltaError, match="already carries an rledit delta store .*detach"):
+        Editor.load(tmp_path / "saved", model=model, tokenizer=tokenizer)
+    with pytest.raises(DeltaError, match="already carries"):
+        _editor(tokenizer, model=model)
+    assert torch.equal(_logits(model, tokenizer), edited)  # still exactly one copy of the edits
+    first.store.detach()
+    second = _editor(tokenizer, model=model)  # once detached, a new editor starts from the unedited model
+    with second.unedited():
+        assert not torch.equal(_logits(model, tokenizer), edited)
+    stacked = DeltaStore(model, second.targets, stack=True)  # asked for explicitly
+    stacked.detach()
+
+
+def test_flipped_bits_in_method_state_and_checkpoints_are_caught(tokenizer, tmp_path):
+    editor = _editor(tokenizer)
+    editor.apply(EDITS)
+    editor.save(tmp_path / "saved")
+    editor.save_checkpoint(tmp_path / "trained")
+    for path, load, error in [
+        (tmp_path / "saved" / "method_state.safetensors",
+         lambda: Editor.load(tmp_path / "saved", model=_model(), tokenizer=tokenizer), EditorError),
+        (tmp_path / "trained" / "checkpoint.safetensors", lambda: read_checkpoint(tmp_path / "trained"),
+         CheckpointError),
+    ]:
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
+        with pytest.raises(error, match="does not match its recorded sha256"):
+            load()
+    meta = tmp_path / "trained" / "checkpoint.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": 7}))
+    with pytest.raises(CheckpointError, match="format version 7"):
+        read_checkpoint(tmp_path / "trained")
+
+
+def test_every_shipped_editor_carries_a_checked_digest():
+    names = shipped_checkpoints()
+    assert len(names) >= 3
+    for name in names:
+        checkpoint = read_checkpoint(name)  # the digest is verified while reading
+        meta = json.loads((checkpoint.path / "checkpoint.json").read_text())
+        assert meta["version"] == 2 and len(meta["state_sha256"]) == 64
+
+
+def test_a_save_refuses_a_model_with_other_weights_of_the_same_shape(tokenizer, tmp_path):
+    editor = _editor(tokenizer)
+    editor.apply(EDITS)
+    editor.save(tmp_path / "saved")
+    tuned, changed = _model(), editor.targets[-1].name
+    with torch.no_grad():
+        tuned.get_submodule(changed).weight.mul_(1.01)  # "another fine-tune" of the same architecture
+    with pytest.raises(EditorError, match=rf"other base weights of \['{changed}'\]"):
+        Editor.load(tmp_path / "saved", model=tuned, tokenizer=tokenizer)
+    assert _untouched(tuned)
+    loaded = Editor.load(tmp_path / "saved", model=tuned, tokenizer=tokenizer, check_weights=False)
+    assert len(loaded.steps) == 1
+
+
+def test_checkpoint_mismatches_name_the_checkpoint_and_explicit_layers_are_not_replaced(tokenizer, tmp_path):
+    editor = _editor(tokenizer)
+    editor.save_checkpoint(tmp_path / "trained")
+    editor.store.detach()
+    with pytest.raises(EditorError, match="edits layers \\[2, 3\\]; layers=\\[1\\] cannot change that"):
+        Editor.from_pretrained(_model(), tokenizer=tokenizer, checkpoint=tmp_path / "trained", layers=[1])
+    shallow = copy.deepcopy(_model())
+    shallow.model.layers = shallow.model.layers[:2]  # no layer 2 or 3
+    with pytest.raises(EditorError, match="trained for .* does not fit this model"):
+        Editor.from_pretrained(shallow, tokenizer=tokenizer, checkpoint=tmp_path / "trained")
+    assert _untouched(shallow)
+    marker = json.loads((tmp_path / "trained" / SAVE_MARKER).read_text())
+    assert marker["kind"] == "checkpoint"
