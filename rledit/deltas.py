@@ -180,10 +180,13 @@ class DeltaStore:
                 rank = u.shape[1] if isinstance(u, torch.Tensor) and u.dim() == 2 else -1
                 if rank < 1:
                     raise DeltaError(f"{name}: U must be a (d_in, r) tensor with r >= 1")
-                prepared[name] = ModuleUpdate(
+                update = ModuleUpdate(
                     u=_as_fp32(name, "U", u, (target.d_in, rank), device, detach),
                     v=_as_fp32(name, "V", v, (rank, target.d_out), device, detach),
                 )
+                if detach and rank * (target.d_in + target.d_out) > target.d_in * target.d_out:
+                    update = ModuleUpdate(dense=update.product())  # the product is smaller than its factors
+                prepared[name] = update
             else:
                 raise DeltaError(
                     f"{name}: expected factors (U, V) or a dense (d_in, d_out) tensor, "
@@ -195,7 +198,8 @@ class DeltaStore:
         """Record one step of updates and apply it; returns the step id (a monotonic int).
 
         ``updates`` maps module names to factors ``(U, V)`` (ΔW = U @ V, U: d_in×r, V: r×d_out) or a dense
-        (d_in, d_out) tensor. Everything is validated first (names, shapes, finite values, finite sums); on
+        (d_in, d_out) tensor. Factors larger than their product (r·(d_in + d_out) > d_in·d_out) are kept as the
+        dense product, so no step holds more than one d_in×d_out matrix per module. Everything is validated first (names, shapes, finite values, finite sums); on
         any problem a :class:`DeltaError` is raised and nothing changes.
         """
         self._check_attached()

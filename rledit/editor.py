@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,7 +27,7 @@ import rledit
 from rledit.checkpoints import read_checkpoint, write_checkpoint
 from rledit.deltas import DeltaError, DeltaStore
 from rledit.files import atomic_directory, file_sha256, read_json, read_safetensors
-from rledit.hooks import capture_features
+from rledit.hooks import capture_bytes, capture_features
 from rledit.methods import EditMethod, get_method
 from rledit.targets import EditTarget, TargetError, resolve_targets
 from rledit.tokens import context_length, encode
@@ -84,6 +85,7 @@ class Editor:
         self.method.prepare(model, tokenizer, self.targets)
         self.store = DeltaStore(model, self.targets)
         self.history: dict[int, EditStep] = {}
+        self.memory_limit: int | None = None  # bytes a step may use; None: what the model's device has free
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
@@ -160,13 +162,14 @@ class Editor:
         """
         start = time.perf_counter()
         requests = as_requests(edits)
-        batch = encode(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
-                       max_length=context_length(self.model))
+        batch = self._encode(requests)
+        self._check_memory(requests, batch)
         method_state = {k: v.clone() for k, v in self.method.state_dict().items()}
         step_id = None
         try:
             features = capture_features(self.model, self.targets, batch) if self.method.uses_features else None
-            updates = self.method.compute_step(self.model, self.tokenizer, self.targets, requests, features)
+            with torch.no_grad():  # inference: no autograd graph of the solve (methods that optimise enable it)
+                updates = self.method.compute_step(self.model, self.tokenizer, self.targets, requests, features)
             step_id = self.store.add(updates)
             self.method.step_applied(step_id)
         except BaseException:
@@ -178,6 +181,33 @@ class Editor:
                         seconds=time.perf_counter() - start)
         self.history[step_id] = step
         return step
+
+    def _encode(self, requests: Sequence[EditRequest]):
+        return encode(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
+                      max_length=context_length(self.model))
+
+    def step_bytes(self, requests: EditRequest | Mapping | Sequence[EditRequest | Mapping], batch: Any = None) -> int:
+        """The estimated memory (bytes) of applying ``requests`` as one step: feature capture plus the method."""
+        batch = batch if batch is not None else self._encode(as_requests(requests))
+        capture = capture_bytes(self.model, self.targets, batch) if self.method.uses_features else 0
+        return capture + self.method.step_bytes(batch.n_answer_tokens, self.targets)
+
+    def _check_memory(self, requests: Sequence[EditRequest], batch: Any) -> None:
+        """Refuse, before any work, a step whose estimated memory exceeds :attr:`memory_limit` (default: the
+        memory available on the model's device), saying how many edits per step would fit."""
+        limit = self.memory_limit if self.memory_limit is not None else available_memory(self.model)
+        needed = self.step_bytes(requests, batch)
+        if limit is None or needed <= limit:
+            return
+        fits = len(requests)
+        while fits > 1 and self.step_bytes(requests[:fits]) > limit:
+            fits //= 2
+        raise EditorError(
+            f"a step of {len(requests)} edits ({batch.n_answer_tokens} answer tokens) needs about "
+            f"{needed / 2**30:.2f} GiB, more than the {limit / 2**30:.2f} GiB available "
+            f"({'editor.memory_limit' if self.memory_limit is not None else 'free memory'}); nothing was changed. "
+            f"Apply the edits in steps of at most about {fits} edits"
+        )
 
     def revert(self, step: EditStep | int) -> None:
         """Remove one applied step exactly (the other steps stay applied)."""
@@ -339,3 +369,21 @@ def _read_saved_editor(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def _is_step_entry(step: Any) -> bool:
     return (isinstance(step, dict) and isinstance(step.get("id"), int) and isinstance(step.get("n_edits"), int)
             and isinstance(step.get("ranks"), dict) and isinstance(step.get("seconds"), (int, float)))
+
+
+def available_memory(model: nn.Module) -> int | None:
+    """Free memory (bytes) on the device of ``model``'s parameters: CUDA's free memory, or on CPU the
+    kernel's MemAvailable (Linux); None when it cannot be told."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

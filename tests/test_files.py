@@ -134,7 +134,7 @@ def test_a_save_of_ours_with_a_foreign_file_or_of_another_kind_is_never_replaced
 def _killed_save(path, version, where):
     """In a forked child: save ``version`` to ``path`` and die with os._exit (no cleanup, like kill -9) at the
     point ``where``."""
-    import rledit.files as files
+    from rledit import files
 
     def die(*_args, **_kwargs):
         os._exit(9)

@@ -77,7 +77,7 @@ def test_no_save_replaces_a_folder_that_merely_holds_a_file_with_our_name(tokeni
 
 
 def _save_and_die_after_the_swap(editor, path):
-    import rledit.files as files
+    from rledit import files
 
     real = files._exchange
 
@@ -209,3 +209,42 @@ def test_checkpoint_mismatches_name_the_checkpoint_and_explicit_layers_are_not_r
     assert _untouched(shallow)
     marker = json.loads((tmp_path / "trained" / SAVE_MARKER).read_text())
     assert marker["kind"] == "checkpoint"
+
+
+def test_apply_builds_no_autograd_graph_and_keeps_no_factor_larger_than_its_product(tokenizer):
+    editor = _editor(tokenizer)
+    seen = []
+    solve = editor.method.module_update
+
+    def recording(*args):
+        seen.append(torch.is_grad_enabled())
+        return solve(*args)
+
+    editor.method.module_update = recording
+    step = editor.apply(EDITS)
+    assert seen and not any(seen)
+    for update in editor.store.factors(step.id).values():
+        assert all(not t.requires_grad for t in (update if isinstance(update, tuple) else (update,)))
+    target = editor.targets[0]
+    wide = max(target.d_in, target.d_out)  # r (d_in + d_out) > d_in d_out: folded into the dense product
+    u, v = torch.randn(target.d_in, wide) * 1e-3, torch.randn(wide, target.d_out) * 1e-3
+    folded = editor.store.add({target.name: (u, v)})
+    kept = editor.store.factors(folded)[target.name]
+    assert isinstance(kept, torch.Tensor) and torch.equal(kept, u @ v)
+
+
+def test_a_step_too_large_for_the_memory_limit_is_refused_before_any_work(tokenizer):
+    editor = _editor(tokenizer)
+    editor.apply(EDITS)
+    before = editor.store.state_hash()
+    many = [EDITS[i % 2] for i in range(400)]
+    small, large = editor.step_bytes(EDITS), editor.step_bytes(many)
+    assert large > 200 * small  # the N×N solve grows with the square of the step's tokens
+    editor.memory_limit = (small + large) // 20
+    with pytest.raises(EditorError, match=r"a step of 400 edits .* needs about .*nothing was changed. Apply the "
+                                          r"edits in steps of at most about \d+ edits"):
+        editor.apply(many)
+    assert editor.store.state_hash() == before and len(editor.steps) == 1
+    fits = int(str(pytest.raises(EditorError, editor.apply, many).value).rsplit("about ", 1)[1].split()[0])
+    assert 1 <= fits < 400 and editor.step_bytes(many[:fits]) <= editor.memory_limit
+    editor.apply(many[:fits])

@@ -85,6 +85,12 @@ class EditMethod:
             raise UpdateError(f"method {self.name!r} needs the step's features; the editor passed none")
         return self.compute_updates(features, targets)
 
+    def step_bytes(self, n_tokens: int, targets: Sequence[EditTarget]) -> int:
+        """A rough upper estimate of the memory (bytes) :meth:`compute_step` needs beyond the feature capture
+        for a step of ``n_tokens`` answer tokens; the editor refuses a step whose total does not fit.
+        Default: 0 (unknown: only the capture is counted)."""
+        return 0
+
     def step_applied(self, step_id: int) -> None:
         """Called by the editor right after the step computed last was applied as ``step_id``. Methods that
         remember earlier steps (a key memory) record it here. Default: nothing."""

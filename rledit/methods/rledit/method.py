@@ -141,6 +141,16 @@ class RLEditMethod(EditMethod):
             terms.append(net.corpus_weight(name).to(torch.float64) * self.corpus_moments[name])
         return sum(terms) if terms else None
 
+    def step_bytes(self, n_tokens: int, targets: Sequence[EditTarget]) -> int:
+        """Per module, one after the other: the fp64 N×N system and its factorisation (and the d_in×d_in one
+        of the memory-aware solve), the network's copies of the features; the factors of every module are kept."""
+        n = n_tokens
+        memory_solve = self.memory is not None or bool(self.corpus_moments)
+        per_module = [24 * n * n + (24 * t.d_in * t.d_in + 8 * t.d_in * n if memory_solve else 0)
+                      + 32 * n * (t.d_in + t.d_out) for t in targets]
+        kept = sum(4 * n * (t.d_in + t.d_out) for t in targets)
+        return int(max(per_module, default=0) + kept)
+
     def module_update(self, name: str, keys: torch.Tensor, edited_keys: torch.Tensor,
                       edited_grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One module's factors from its keys and the network's outputs: value shifts, then the ridge solve."""
