@@ -57,6 +57,16 @@ def scale_scalars(net: torch.nn.Module, scale: dict) -> None:
             getattr(net, SCALARS[key]).add_(float(torch.log(torch.tensor(float(factor)))))
 
 
+def efficacy_by_age(records: list, batch: int, steps: int) -> dict[str, float]:
+    """Efficacy at the end of the edits of the first quarter of the steps (the oldest) and of the last step
+    (scored right after it was applied): how much of what was written is kept."""
+    def mean(low: int, high: int) -> float:
+        scores = [r.scores["efficacy"] for r in records if low <= r.index < high and r.scores.get("efficacy") is not None]
+        return round(sum(scores) / max(1, len(scores)), 2)
+
+    return {"efficacy_oldest": mean(0, batch * max(1, steps // 4)), "efficacy_last": mean(batch * (steps - 1), batch * steps)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="trained editor (default: the untrained rledit editor)")
@@ -65,6 +75,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, nargs="*", default=[24, 25, 26, 27])
+    parser.add_argument("--modules", nargs="*", default=None, help="edited MLP modules (default: the model's)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     loaded = load_model("smollm2-135m")
@@ -77,7 +88,8 @@ def main() -> None:
         overrides = json.loads(setting)
         scale = overrides.pop("scale", {})
         editor = Editor.from_pretrained(loaded.model, tokenizer=loaded.tokenizer, checkpoint=args.checkpoint,
-                                        hparams=overrides or None, layers=args.layers)
+                                        hparams=overrides or None, layers=args.layers,
+                                        modules=args.modules)
         scale_scalars(editor.method.hypernet, scale)
         if scale:
             overrides["scale"] = scale
@@ -86,21 +98,24 @@ def main() -> None:
         start = time.perf_counter()
         for i in range(0, len(stream), args.batch):
             editor.apply(stream[i:i + args.batch])
-        metrics = editor.evaluate(stream, [PROTOCOL], references=references).metrics[PROTOCOL]
+        result = editor.evaluate(stream, [PROTOCOL], references=references)
+        metrics = result.metrics[PROTOCOL]
         editor.store.detach()
         rows.append({"setting": overrides, "seconds": round(time.perf_counter() - start, 1),
-                     "setup": editor.method.setup_report(), **{m: round(metrics[m], 2) for m in METRICS}})
+                     "setup": editor.method.setup_report(), **{m: round(metrics[m], 2) for m in METRICS},
+                     **efficacy_by_age(result.records, args.batch, args.steps)})
         print(rows[-1], flush=True)
         summary = {"format": "rledit-validation-sweep@1", "command": shlex.join(sys.argv), "protocol": PROTOCOL,
-                   "checkpoint": args.checkpoint, "layers": args.layers, "steps": args.steps, "batch": args.batch,
+                   "checkpoint": args.checkpoint, "layers": args.layers, "modules": args.modules, "steps": args.steps, "batch": args.batch,
                    "seed": args.seed, "data": "zsre train, 'metric' half, seeded shuffle", "torch": torch.__version__,
                    "version": rledit.__version__, "rows": rows}
         write_text_atomically(out / "sweep.json", json.dumps(summary, indent=1) + "\n")
+        columns = [*METRICS, *(k for k in ("efficacy_oldest", "efficacy_last") if all(k in r for r in rows))]
         title = (f"Validation sweep: {args.checkpoint or 'untrained rledit'}, {args.steps} x {args.batch} zsRE "
                  f"training edits ('metric' half), {PROTOCOL} at the end")
         lines = [title, "",
-                 "| setting | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-        lines += [f"| `{json.dumps(r['setting'])}` | " + " | ".join(f"{r[m]:.1f}" for m in METRICS) + " |"
+                 "| setting | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        lines += [f"| `{json.dumps(r['setting'])}` | " + " | ".join(f"{r[m]:.1f}" for m in columns) + " |"
                   for r in rows]
         write_text_atomically(out / "sweep.md", "\n".join(lines) + "\n")
 

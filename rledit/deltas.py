@@ -138,6 +138,7 @@ class DeltaStore:
         self._accumulated: dict[str, torch.Tensor] = {}
         self._pending: list[dict[str, ModuleUpdate]] = []
         self._bypass = False
+        self._merged: set[int] = set()  # ids of steps folded into the base weights by merge()
         self._next_id = 0
         self._handles = [t.module.register_forward_hook(self._make_hook(t.name)) for t in targets]
         _ATTACHED.setdefault(model, []).append(self)
@@ -222,6 +223,9 @@ class DeltaStore:
     def revert(self, step_id: int) -> None:
         """Remove one step exactly: affected modules' deltas are recomputed from the remaining steps."""
         self._check_attached()
+        if step_id in self._merged:
+            raise DeltaError(f"step {step_id} was merged into the base weights (merge()); it can no longer be "
+                             "reverted on its own")
         if step_id not in self._steps:
             raise DeltaError(f"no step {step_id!r} in the store; steps: {self.steps}")
         remaining = {sid: updates for sid, updates in self._steps.items() if sid != step_id}
@@ -258,9 +262,15 @@ class DeltaStore:
         finally:
             self._bypass = previous
 
+    @property
+    def is_bypassed(self) -> bool:
+        """Whether the model is inside :meth:`bypassed` (computing as unedited)."""
+        return self._bypass
+
     def merge(self) -> None:
         """Fold the accumulated deltas into the base weights (rounded once to their dtype), then reset."""
         self._check_attached()
+        self._merged.update(self._steps)
         with torch.no_grad():
             for name, delta in self._accumulated.items():
                 target = self.targets[name]

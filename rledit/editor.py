@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,10 @@ DELTAS_DIR = "deltas"
 
 class EditorError(ValueError):
     """An editor that cannot be built, loaded or saved as asked."""
+
+
+class EditConflictWarning(UserWarning):
+    """One step holds edits that contradict each other (the same prompt, different targets)."""
 
 
 def as_requests(edits: EditRequest | Mapping | Sequence[EditRequest | Mapping]) -> list[EditRequest]:
@@ -85,6 +91,7 @@ class Editor:
         self.method.prepare(model, tokenizer, self.targets)
         self.store = DeltaStore(model, self.targets)
         self.history: dict[int, EditStep] = {}
+        self._token = uuid.uuid4().hex  # marks this editor's step handles
         self.memory_limit: int | None = None  # bytes a step may use; None: what the model's device has free
 
     # ----------------------------------------------------------------------------------------- building
@@ -161,7 +168,11 @@ class Editor:
         non-finite update raise before the store or the method's state is touched).
         """
         start = time.perf_counter()
+        if self.store.is_bypassed:
+            raise EditorError("apply inside `with editor.unedited()`: the model is computing as unedited there, so "
+                              "the step's features would be wrong; apply outside the block")
         requests = as_requests(edits)
+        _check_contradictions(requests)
         batch = self._encode(requests)
         self._check_memory(requests, batch)
         method_state = {k: v.clone() for k, v in self.method.state_dict().items()}
@@ -178,7 +189,7 @@ class Editor:
             self.method.load_state_dict(method_state)
             raise
         step = EditStep(id=step_id, n_edits=len(requests), ranks=self.store.rank(step_id),
-                        seconds=time.perf_counter() - start)
+                        seconds=time.perf_counter() - start, editor=self._token)
         self.history[step_id] = step
         return step
 
@@ -210,8 +221,16 @@ class Editor:
         )
 
     def revert(self, step: EditStep | int) -> None:
-        """Remove one applied step exactly (the other steps stay applied)."""
-        step_id = step.id if isinstance(step, EditStep) else step
+        """Remove one applied step exactly (the other steps stay applied). ``step`` is the handle
+        :meth:`apply` returned, or its integer id."""
+        if isinstance(step, EditStep):
+            if step.editor and step.editor != self._token:
+                raise EditorError(f"step {step.id} was applied by another editor; revert it there")
+            step_id = step.id
+        elif isinstance(step, int) and not isinstance(step, bool):
+            step_id = step
+        else:
+            raise EditorError(f"revert takes the EditStep that apply returned or its int id, not {step!r}")
         self.store.revert(step_id)
         self.method.step_reverted(step_id)
         self.history.pop(step_id, None)
@@ -263,7 +282,7 @@ class Editor:
             "targets": [[t.name, t.d_in, t.d_out] for t in self.targets],
             "layers": sorted({t.layer for t in self.targets}),
             "modules": list(dict.fromkeys(t.name.rsplit(".", 1)[-1] for t in self.targets)),
-            "steps": [vars(s) | {"ranks": dict(s.ranks)} for s in self.steps],
+            "steps": [s.to_dict() for s in self.steps],
         }
         with atomic_directory(Path(path), "editor") as folder:
             self.store.save(folder / DELTAS_DIR)
@@ -299,7 +318,7 @@ class Editor:
             editor.checkpoint = description.get("checkpoint")
             for s in description["steps"]:
                 editor.history[s["id"]] = EditStep(id=s["id"], n_edits=s["n_edits"], ranks=dict(s["ranks"]),
-                                                   seconds=s["seconds"])
+                                                   seconds=s["seconds"], editor=editor._token)
         except BaseException as exc:
             editor.store.detach()
             if isinstance(exc, EditorError):
@@ -387,3 +406,17 @@ def available_memory(model: nn.Module) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _check_contradictions(requests: Sequence[EditRequest]) -> None:
+    """Warn when one step asks the same prompt for two different targets (CounterFact's multi-valued
+    relations do): both edits are applied, so the model is pushed toward both and at most one can be its
+    answer; the later one in the step is not preferred."""
+    seen: dict[str, tuple[int, str]] = {}
+    for i, request in enumerate(requests):
+        earlier = seen.setdefault(request.prompt, (i, request.target_new))
+        if earlier[1] != request.target_new:
+            warnings.warn(f"edits {earlier[0]} and {i} of this step ask the same prompt {request.prompt!r} for "
+                          f"{earlier[1]!r} and {request.target_new!r}: both are applied and at most one can hold; "
+                          "put them in different steps (the later step then wins) or keep one",
+                          EditConflictWarning, stacklevel=3)

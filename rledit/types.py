@@ -121,13 +121,19 @@ class EditRequest:
 class EditStep:
     """The handle :meth:`rledit.Editor.apply` returns for one applied batch of edits.
 
-    ``ranks`` maps each edited module name to the rank of its update in this step.
+    ``ranks`` maps each edited module name to the rank of its update in this step. ``editor`` identifies the
+    editor that applied it (a handle from one editor cannot revert another editor's step).
     """
 
     id: int
     n_edits: int
     ranks: Mapping[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    editor: str = field(default="", repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready record of the step (what an editor save keeps)."""
+        return {"id": self.id, "n_edits": self.n_edits, "ranks": dict(self.ranks), "seconds": self.seconds}
 
 
 def _require_text(name: str, value: Any) -> None:

@@ -248,3 +248,35 @@ def test_a_step_too_large_for_the_memory_limit_is_refused_before_any_work(tokeni
     fits = int(str(pytest.raises(EditorError, editor.apply, many).value).rsplit("about ", 1)[1].split()[0])
     assert 1 <= fits < 400 and editor.step_bytes(many[:fits]) <= editor.memory_limit
     editor.apply(many[:fits])
+
+
+def test_step_handles_are_exact_and_belong_to_their_editor(tokenizer):
+    editor = _editor(tokenizer)
+    first, second = editor.apply(EDITS[0]), editor.apply(EDITS[1])
+    for wrong in (True, 1.0, "1", None):
+        with pytest.raises(EditorError, match="EditStep that apply returned or its int id"):
+            editor.revert(wrong)
+    assert [s.id for s in editor.steps] == [first.id, second.id]
+    other = _editor(tokenizer)
+    theirs = other.apply(EDITS[0])
+    assert theirs.id == first.id
+    with pytest.raises(EditorError, match="applied by another editor"):
+        editor.revert(theirs)
+    assert len(editor.steps) == 2
+    editor.revert(second.id)
+    editor.store.merge()
+    with pytest.raises(DeltaError, match="merged into the base weights"):
+        editor.revert(first)
+
+
+def test_apply_inside_the_unedited_view_is_refused_and_contradictions_are_reported(tokenizer):
+    from rledit.editor import EditConflictWarning
+
+    editor = _editor(tokenizer)
+    with editor.unedited(), pytest.raises(EditorError, match="apply inside `with editor.unedited\\(\\)`"):
+        editor.apply(EDITS)
+    assert editor.steps == []
+    twin = [{"prompt": "The twin city of Lyon is", "target_new": "Karachi"},
+            {"prompt": "The twin city of Lyon is", "target_new": "Manila"}]
+    with pytest.warns(EditConflictWarning, match="edits 0 and 1 .*'Karachi' and 'Manila'"):
+        editor.apply(twin)
