@@ -10,6 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+RESTARTABLE = {"hparams.yaml", "train_log.jsonl", "training_curve.png"}  # what a run writes before its 1st checkpoint
+RESUMABLE_CHANGES = {"method.train.episodes"}  # extending a run is resuming it
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         if getattr(args, "traceback", False):
             raise
         print(f"rledit {args.command}: error: {exc}", file=sys.stderr)
@@ -104,12 +108,23 @@ def _train(args: argparse.Namespace) -> int:
     from rledit.data import load_requests
     from rledit.editor import Editor
     from rledit.hparams import load_hparams, save_hparams
-    from rledit.methods.rledit.trainer import RLEditTrainer
+    from rledit.methods.rledit.trainer import STATE_FILE, RLEditTrainer
 
     hparams = load_hparams(args.hparams, args.set)
     out = Path(args.out or Path("runs") / Path(args.hparams).stem)
-    if out.exists() and any(out.iterdir()) and not args.resume:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the run")
+    started = out.is_dir() and (out / STATE_FILE).is_file()
+    if args.resume:
+        if not started:
+            raise ValueError(f"--resume: {out} holds no {STATE_FILE} (no episode was checkpointed); start the run "
+                             "again without --resume")
+        _check_same_run(load_hparams(out / "hparams.yaml"), hparams, out)
+    elif out.is_dir() and (started or {p.name for p in out.iterdir()} - RESTARTABLE):
         raise ValueError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
+    elif out.is_dir():  # a start that failed before its first checkpoint: start it afresh
+        for name in RESTARTABLE:
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     save_hparams(hparams, out / "hparams.yaml")
     method = hparams.method
@@ -124,6 +139,26 @@ def _train(args: argparse.Namespace) -> int:
     plot_training_log(out / "train_log.jsonl", out / "training_curve.png")
     print(f"trained editor: {final}\ntraining log: {out / 'train_log.jsonl'}\ncurve: {out / 'training_curve.png'}")
     return 0
+
+
+def _check_same_run(saved: Any, given: Any, out: Path) -> None:
+    """Refuse to resume ``out`` with other hparams than it was started with (more episodes are fine)."""
+    def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+        items = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                items |= flat(value, f"{prefix}{key}.")
+            else:
+                items[f"{prefix}{key}"] = value
+        return items
+
+    before, now = flat(saved.to_dict()), flat(given.to_dict())
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        raise ValueError(f"--resume: {out} was started with other hparams ({details}); resume with the same "
+                         f"--hparams and --set (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or start "
+                         "a new run with --init")
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from rledit.checkpoints import read_checkpoint, write_checkpoint
 from rledit.deltas import DeltaError, DeltaStore
 from rledit.files import atomic_directory, file_sha256, read_json, read_safetensors
 from rledit.hooks import capture_bytes, capture_features
+from rledit.hparams import HparamsError, from_dict
 from rledit.methods import EditMethod, get_method
 from rledit.targets import EditTarget, TargetError, resolve_targets
 from rledit.tokens import context_length, encode
@@ -339,12 +340,14 @@ def build_method(name: str, hparams: Any = None) -> EditMethod:
     schema = method_class.hparams_class
     if hparams is None or schema is None:
         return method_class() if schema is None else method_class(schema())
-    if isinstance(hparams, Mapping):
+    if isinstance(hparams, Mapping):  # the same validation as a YAML file's method section
         fields = {k: v for k, v in hparams.items() if k != "name"}
+        if "name" in schema.__dataclass_fields__:
+            fields["name"] = name
         try:
-            hparams = schema(name=name, **fields) if "name" in schema.__dataclass_fields__ else schema(**fields)
-        except TypeError as exc:
-            raise EditorError(f"hparams for method {name!r}: {exc}") from exc
+            hparams = from_dict(schema, fields, where=f"hparams for method {name!r}")
+        except HparamsError as exc:
+            raise EditorError(str(exc)) from exc
     elif not isinstance(hparams, schema):
         raise EditorError(f"method {name!r} takes {schema.__name__} hparams, got {type(hparams).__name__}")
     return method_class(hparams)

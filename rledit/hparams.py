@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -229,9 +230,13 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         return value
     elif tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
-            return float(value)  # YAML reads 1e-4 (no dot) as a string
+            number = float(value)  # YAML reads 1e-4 (no dot) as a string
         except ValueError:
             pass
+        else:
+            if not math.isfinite(number):
+                raise _KeyError(key, f"{key}: expected a finite number, got {value!r}")
+            return number
     elif not _supported(tp):
         raise _KeyError(key, f"{key}: the schema's type {tp} is not supported by rledit.hparams")
     raise _KeyError(key, f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -351,11 +356,34 @@ def _find_default(ref: str, referrer: Path, what: str) -> Path:
     raise HparamsError(f"{what}: file {ref!r} not found; looked for {[str(c) for c in candidates]}")
 
 
+MAX_YAML_NODES = 100_000  # far above any hparams file; an "alias bomb" expands past it at once
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML text safely (plain data only) and refuse a document whose aliases expand to more than
+    :data:`MAX_YAML_NODES` values (an "alias bomb": nested anchors that make billions of nodes from a few
+    hundred bytes), before anything walks the expanded tree."""
+    data = yaml.safe_load(text)
+    count, stack = 0, [data]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"the document expands to more than {MAX_YAML_NODES} values (nested aliases?)")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return data
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise HparamsError(f"{_display(path)}: cannot read it as YAML: {exc}") from None
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise HparamsError(f"{_display(path)}: cannot read it as YAML: {reason}") from None
     if not isinstance(data, (dict, type(None))):
         raise HparamsError(f"{_display(path)}: expected a mapping of sections ({', '.join(SECTIONS)}), "
                            f"got {type(data).__name__}")
@@ -418,8 +446,8 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
             raise HparamsError(f"{COMMAND_LINE}: override {text!r} must look like section.key=value, "
                                "e.g. method.lr_init=1e-3 or model.layers=[18,19]")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
+            value = load_yaml_text(raw)
+        except (yaml.YAMLError, RecursionError) as exc:
             raise HparamsError(f"{COMMAND_LINE}: {key.strip()}: value {raw!r} is not valid YAML: {exc}") from None
         node = data
         for i, part in enumerate(parts[:-1]):

@@ -202,7 +202,14 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
 
 def _from_folder(folder: Path, dtype: torch.dtype, advice: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
+        if not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+            raise ModelLoadError(
+                f"{folder} holds its weights only as pickle files (*.bin); rledit loads safetensors only, since "
+                "unpickling can run code. If you trust the files, convert them once: "
+                "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)"
+            )
+        return (AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True),
+                AutoTokenizer.from_pretrained(folder))
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load the model folder {folder}: {error}\nTo fix: {advice}.") from error
 

@@ -141,3 +141,9 @@ def _require_text(name: str, value: Any) -> None:
         raise EditRequestError(f"{name} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise EditRequestError(f"{name} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EditRequestError(f"{name} is not valid text: {exc.reason} at position {exc.start} "
+                               f"({value[max(0, exc.start - 10):exc.start]!r}...); a lone surrogate from "
+                               "badly decoded input?") from None

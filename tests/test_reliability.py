@@ -280,3 +280,121 @@ def test_apply_inside_the_unedited_view_is_refused_and_contradictions_are_report
             {"prompt": "The twin city of Lyon is", "target_new": "Manila"}]
     with pytest.warns(EditConflictWarning, match="edits 0 and 1 .*'Karachi' and 'Manila'"):
         editor.apply(twin)
+
+
+def _train_yaml(tmp_path, model_folder):
+    path = tmp_path / "train.yaml"
+    path.write_text(f"""defaults:
+  method: methods/rledit.yaml
+model:
+  name: {model_folder}
+  layers: [2, 3]
+  modules: [gate_proj, up_proj]
+method:
+  rank: 8
+  train:
+    episodes: 3
+    steps_per_episode: 2
+    batch: 2
+    back_depth: 1
+    checkpoint_every: 2
+    loc_reference: unedited
+""")
+    return path
+
+
+def _episodes(out):
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [r["episode"] for r in log if r["kind"] == "episode"]
+
+
+def test_train_resume_checks_that_it_continues_the_same_run(tmp_path, capsys):
+    from tiny import tiny_tokenizer
+
+    from rledit.cli import main
+
+    folder = tmp_path / "tiny"
+    _model().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    config, out = _train_yaml(tmp_path, folder), tmp_path / "run"
+    common = ["train", "--hparams", str(config), "--out", str(out), "--limit", "8"]
+    assert main(common) == 0
+    assert _episodes(out) == [1, 2, 3]  # checkpoints after episodes 2 and 3
+    capsys.readouterr()
+    assert main([*common, "--resume", "--set", "method.rank=4"]) == 1
+    assert "was started with other hparams (method.rank: 8 -> 4)" in capsys.readouterr().err
+    assert main(["train", "--hparams", str(config), "--out", str(out), "--limit", "6", "--resume"]) == 1
+    assert "trained on 8 records, this one was given 6" in capsys.readouterr().err
+    state = torch.load(out / "trainer_state.pt", weights_only=True)
+    state["episode"] = 2  # as if episode 3 ran after the last checkpoint and was lost
+    torch.save(state, out / "trainer_state.pt")
+    assert main([*common, "--resume", "--set", "method.train.episodes=4"]) == 0  # more episodes: still the run
+    assert _episodes(out) == [1, 2, 3, 4]  # episode 3 was run again and is logged once
+
+    (out / "trainer_state.pt").write_bytes((out / "trainer_state.pt").read_bytes()[:1000])
+    assert main([*common, "--resume"]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("rledit train: error:") and "is truncated or damaged" in last and "Traceback" not in err
+
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "hparams.yaml").write_text("written before a crash")  # a start that died before any checkpoint
+    assert main(["train", "--hparams", str(config), "--out", str(failed), "--resume"]) == 1
+    assert "start the run again without --resume" in capsys.readouterr().err
+    assert main(["train", "--hparams", str(config), "--out", str(failed), "--limit", "4",
+                 "--set", "method.train.episodes=1"]) == 0
+    assert _episodes(failed) == [1]
+    (tmp_path / "a-file").write_text("x")
+    assert main(["train", "--hparams", str(config), "--out", str(tmp_path / "a-file")]) == 1
+    assert "is a file; give a folder" in capsys.readouterr().err
+
+
+def test_damaged_inputs_give_one_line_errors_not_tracebacks(tmp_path, capsys):
+    import gzip
+
+    from rledit.cli import main
+    from rledit.data import DataError, load_requests
+    from rledit.hparams import HparamsError, load_hparams
+    from rledit.models import ModelLoadError, load_model
+    from rledit.types import EditRequest, EditRequestError
+
+    whole = gzip.compress(json.dumps([{"src": "Who?", "alt": "X", "rephrase": "Who", "loc": "a", "loc_ans": "b"}]
+                                     * 50).encode())
+    (tmp_path / "cut.json.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="cut.json.gz: cannot read the file \\(the compressed file is truncated\\)"):
+        load_requests(tmp_path / "cut.json.gz")
+    assert main(["eval", "--model", "x", "--data", str(tmp_path / "cut.json.gz"), "--out", str(tmp_path / "o.json")]) == 1
+    assert "truncated" in capsys.readouterr().err
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(DataError, match="nested too deeply"):
+        load_requests(tmp_path / "deep.json")
+    with pytest.raises(EditRequestError, match="prompt is not valid text: surrogates not allowed"):
+        EditRequest.from_dict({"prompt": "The capital of \ud800 is", "target_new": "Rome"})
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+    (tmp_path / "bomb.yaml").write_text("method:\n  " + bomb.replace("\n", "\n  "))
+    assert len(bomb) < 800
+    with pytest.raises(HparamsError, match="expands to more than 100000 values"):
+        load_hparams(tmp_path / "bomb.yaml")
+
+    folder = tmp_path / "pickled"
+    model = _model()
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # the old pickle format
+    with pytest.raises(ModelLoadError, match="only as pickle files .*safetensors only"):
+        load_model(str(folder))
+
+
+@pytest.mark.parametrize("bad, message", [({"rank": 2.5}, "rank: expected int, got 2.5"),
+                                          ({"rank": True}, "rank: expected int, got True"),
+                                          ({"lr_init": "abc"}, "lr_init: expected float, got 'abc'"),
+                                          ({"lr_init": float("inf")}, "lr_init: expected a finite number"),
+                                          ({"train": {"batch": "20"}}, "train.batch: expected int"),
+                                          ({"rnak": 4}, "unknown key rnak")])
+def test_hparams_given_as_a_dict_get_the_validation_a_yaml_file_gets(tokenizer, bad, message):
+    model = _model()
+    with pytest.raises(EditorError, match=f"hparams for method 'rledit': .*{message}"):
+        Editor.from_pretrained(model, tokenizer=tokenizer, layers=[2, 3], hparams=bad)
+    assert _untouched(model)

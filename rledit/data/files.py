@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,9 @@ def read_records(path: Path) -> list[Any]:
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
             text = handle.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read the file ({err})") from err
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as err:
+        what = "the compressed file is truncated" if isinstance(err, EOFError) else err
+        raise DataError(f"{path}: cannot read the file ({what})") from err
     if name.endswith((".jsonl", ".jsonl.gz")):
         records = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -90,6 +92,8 @@ def _parse_json(text: str, path: Path, where: str) -> Any:
     except json.JSONDecodeError as err:
         place = where or f"line {err.lineno}"
         raise DataError(f"{path}: invalid JSON at {place}, column {err.colno}: {err.msg}") from err
+    except RecursionError as err:
+        raise DataError(f"{path}: the JSON{' at ' + where if where else ''} is nested too deeply to be records") from err
 
 
 def skipped_indices(path: Path) -> frozenset[int]:

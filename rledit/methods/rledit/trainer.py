@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from rledit.checkpoints import read_checkpoint
 from rledit.eval.protocols import as_question
 from rledit.eval.relations import same_relation_pair
-from rledit.files import atomic_file
+from rledit.files import atomic_file, write_text_atomically
 from rledit.hooks import answer_token_loss, capture_features
 from rledit.methods.memory import split_memory_state
 from rledit.methods.rledit.method import RLEditMethod, factored_frobenius_sq
@@ -368,6 +368,7 @@ class RLEditTrainer:
     def _save_state(self) -> None:
         """Checkpoint network, optimiser, data order and RNG so that ``resume`` continues exactly (atomic)."""
         state = {"episode": self.episode, "global_step": self.global_step, "order": self.order,
+                 "n_requests": len(self.requests),
                  "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
                  "first_loss": self.first_loss, "best_score": self.best_score,
                  "method": split_memory_state(self.method.state_dict())[0],  # the next episode starts empty
@@ -380,10 +381,33 @@ class RLEditTrainer:
         path = self.out_dir / STATE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no {STATE_FILE} in {self.out_dir}; nothing to resume from")
-        state = torch.load(path, weights_only=True)
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as exc:  # a truncated or damaged file: EOFError, RuntimeError, UnpicklingError, ...
+            raise RuntimeError(f"--resume: {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated or "
+                               f"damaged. The editor-ep* checkpoints in {self.out_dir} still hold the trained "
+                               "editors: restart from the newest with --init") from exc
+        n_requests = state.get("n_requests")
+        if n_requests is not None and n_requests != len(self.requests):
+            raise ValueError(f"--resume: the run in {self.out_dir} trained on {n_requests} records, this one was given "
+                             f"{len(self.requests)}; resume with the same data and --limit")
+        if any(i >= len(self.requests) for i in state["order"]):
+            raise ValueError(f"--resume: the run in {self.out_dir} used more training records than the "
+                             f"{len(self.requests)} given; resume with the same data and --limit")
         self.episode, self.global_step, self.order = state["episode"], state["global_step"], state["order"]
         self.first_loss, self.best_score = state.get("first_loss"), state.get("best_score")
         self.rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._truncate_log()
+
+    def _truncate_log(self) -> None:
+        """Drop the log records of episodes after the checkpoint being resumed (they are run again)."""
+        path = self.out_dir / LOG_FILE
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("episode", 0) <= self.episode]
+        if len(kept) != len(lines):
+            write_text_atomically(path, "".join(line + "\n" for line in kept))
