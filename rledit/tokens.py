@@ -23,6 +23,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from rledit.types import is_visible
+
 
 class TokenizationError(ValueError):
     """A prompt/target pair that cannot be turned into a valid model input."""
@@ -58,6 +60,12 @@ class TokenBatch:
         return TokenBatch(**moved)
 
 
+def text_ids(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of user text, with the tokenizer's own framing (BOS) when ``add_special_tokens`` but never
+    parsing special-token strings in the text: "<|endoftext|>" in a target is text, not the control token."""
+    return list(tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"])
+
+
 def target_token_ids(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
     """(prompt ids with special tokens, ids of ``" " + target``) following the conventions above."""
     prompt = prompt.rstrip()
@@ -66,18 +74,19 @@ def target_token_ids(tokenizer, prompt: str, target: str) -> tuple[list[int], li
         raise TokenizationError("empty prompt")
     if not target:
         raise TokenizationError(f"empty target for prompt {prompt!r}")
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    joint = tokenizer(prompt + " " + target, add_special_tokens=True)["input_ids"]
+    prompt_ids = text_ids(tokenizer, prompt)
+    joint = text_ids(tokenizer, prompt + " " + target)
     if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
         target_ids = joint[len(prompt_ids) :]
         eos = tokenizer.eos_token_id
-        if eos is not None and target_ids[-1] == eos and not target.endswith(tokenizer.eos_token or "\0"):
-            target_ids = target_ids[:-1]  # tokenizers that append EOS to every sequence
+        if eos is not None and target_ids[-1] == eos:
+            target_ids = target_ids[:-1]  # tokenizers that append EOS to every sequence (text never makes one)
     else:
-        target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
-    if not target_ids:
-        raise TokenizationError(f"target {target!r} tokenises to nothing")
-    return list(prompt_ids), list(target_ids)
+        target_ids = text_ids(tokenizer, " " + target, add_special_tokens=False)
+    if not target_ids or not is_visible(tokenizer.decode(target_ids)):
+        raise TokenizationError(f"target {target!r} tokenises to {tokenizer.decode(target_ids)!r}: nothing to "
+                                "learn (the tokenizer normalises it away)")
+    return prompt_ids, target_ids
 
 
 def encode(
@@ -107,7 +116,7 @@ def encode(
         if not isinstance(prompt, str) or not prompt.strip():
             raise TokenizationError(f"row {i}: empty prompt")
         if targets is None:
-            ids = list(tokenizer(prompt.rstrip(), add_special_tokens=True)["input_ids"])
+            ids = text_ids(tokenizer, prompt.rstrip())
             rows.append(ids)
             label_rows.append([-100] * len(ids))
             all_targets.append([])

@@ -7,6 +7,7 @@ component downstream can rely on non-empty prompts and targets.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,11 +137,19 @@ class EditStep:
         return {"id": self.id, "n_edits": self.n_edits, "ranks": dict(self.ranks), "seconds": self.seconds}
 
 
+def is_visible(text: str) -> bool:
+    """Whether ``text`` has a character one can see: not only spaces, zero-width or other format/control
+    characters (U+200B, U+2060, U+FEFF, ...)."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc", "Cn", "Zs") for ch in text)
+
+
 def _require_text(name: str, value: Any) -> None:
     if not isinstance(value, str):
         raise EditRequestError(f"{name} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise EditRequestError(f"{name} is empty")
+    if not is_visible(value):
+        raise EditRequestError(f"{name} {value!r} holds only invisible characters (zero-width or format)")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:

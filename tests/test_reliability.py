@@ -398,3 +398,28 @@ def test_hparams_given_as_a_dict_get_the_validation_a_yaml_file_gets(tokenizer, 
     with pytest.raises(EditorError, match=f"hparams for method 'rledit': .*{message}"):
         Editor.from_pretrained(model, tokenizer=tokenizer, layers=[2, 3], hparams=bad)
     assert _untouched(model)
+
+
+def test_special_token_strings_in_user_text_stay_text_and_invisible_targets_are_refused(tokenizer):
+    from rledit.tokens import TokenizationError, target_token_ids
+    from rledit.types import EditRequest, EditRequestError
+
+    specials = set(tokenizer.all_special_ids)
+    for target in ("<|endoftext|>", "<pad>", "Paris<|endoftext|>"):
+        _, ids = target_token_ids(tokenizer, "The capital of France is", target)
+        assert not specials & set(ids) and tokenizer.decode(ids).strip() == target  # text, not control tokens
+    for invisible in ("\u200b", "\u2060\ufeff", " \u200b "):
+        with pytest.raises(EditRequestError, match="only invisible characters"):
+            EditRequest.from_dict({"prompt": "The capital of France is", "target_new": invisible})
+
+    class Normalising:  # a tokenizer whose normaliser drops the target's characters
+        eos_token_id = None
+
+        def __call__(self, text, add_special_tokens=True, split_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text if c.isascii()]}
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    with pytest.raises(TokenizationError, match="tokenises to ' ': nothing to learn"):
+        target_token_ids(Normalising(), "The capital of France is", "Париж")

@@ -25,7 +25,7 @@ from torch import nn
 
 from rledit.methods.memit.config import LocateEditHparams
 from rledit.methods.runtime import frozen_model
-from rledit.tokens import TokenBatch, answer_logits
+from rledit.tokens import TokenBatch, answer_logits, text_ids
 from rledit.types import EditRequest, EditRequestError
 
 
@@ -56,9 +56,9 @@ def subject_last_token(tokenizer: Any, text: str, subject: str) -> int:
         raise EditRequestError(f"subject {subject!r} does not occur in {text!r}")
     end = start + len(subject)
     try:
-        encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, split_special_tokens=True)
     except NotImplementedError:  # slow tokenizers have no offsets: count the tokens of the text up to the end
-        return len(tokenizer(text[:end], add_special_tokens=True)["input_ids"]) - 1
+        return len(text_ids(tokenizer, text[:end])) - 1
     spans = encoded["offset_mapping"]
     inside = [i for i, (a, b) in enumerate(spans) if b > a and a < end]
     if not inside:

@@ -32,6 +32,7 @@ from rledit.methods.memit.corpus import Corpus, load_corpus
 from rledit.methods.runtime import frozen_model
 from rledit.models import cache_root
 from rledit.targets import EditTarget, find_blocks
+from rledit.tokens import text_ids
 
 STATS_FORMAT = "rledit-key-stats-v1"
 
@@ -150,7 +151,7 @@ def compute_second_moments(model: nn.Module, tokenizer: Any, targets: Sequence[E
 
 
 def _right_padded(tokenizer: Any, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [tokenizer(text, add_special_tokens=True)["input_ids"][:max_length] for text in texts]
+    rows = [text_ids(tokenizer, text)[:max_length] for text in texts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
