@@ -276,7 +276,7 @@ class Editor:
             "format": EDITOR_FORMAT,
             "version": 2,
             "rledit_version": rledit.__version__,
-            "model": self.model_name,
+            "model": _portable_model_name(self.model_name),
             "method": self.method.name,
             "hparams": method_hparams_dict(self.method),
             "checkpoint": self.checkpoint,
@@ -423,3 +423,10 @@ def _check_contradictions(requests: Sequence[EditRequest]) -> None:
                           f"{earlier[1]!r} and {request.target_new!r}: both are applied and at most one can hold; "
                           "put them in different steps (the later step then wins) or keep one",
                           EditConflictWarning, stacklevel=3)
+
+
+def _portable_model_name(name: str) -> str:
+    """The model as a save records it: a local folder as an absolute path (so that the save loads from any
+    working directory), anything else (alias, hub id) as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if name and (path / "config.json").is_file() else name

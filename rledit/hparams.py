@@ -341,10 +341,12 @@ def _display(path: Path) -> str:
 
 def _locate(path: str | Path) -> Path:
     path = Path(path)
-    for candidate in (path, HPARAMS_DIR / path) if not path.is_absolute() else (path,):
+    candidates = (path, HPARAMS_DIR / path, HPARAMS_DIR.parent / path) if not path.is_absolute() else (path,)
+    for candidate in candidates:  # "hparams/experiments/x.yaml" works from any working directory
         if candidate.is_file():
             return candidate.resolve()
-    raise HparamsError(f"hparams file {str(path)!r} not found (looked in the working directory and {HPARAMS_DIR})")
+    raise HparamsError(f"hparams file {str(path)!r} not found (looked in the working directory, {HPARAMS_DIR} "
+                       f"and {HPARAMS_DIR.parent})")
 
 
 def _find_default(ref: str, referrer: Path, what: str) -> Path:
