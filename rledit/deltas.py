@@ -267,15 +267,26 @@ class DeltaStore:
         """Whether the model is inside :meth:`bypassed` (computing as unedited)."""
         return self._bypass
 
+    @property
+    def merged_steps(self) -> list[int]:
+        """Ids of the steps that :meth:`merge` folded into the base weights (they cannot be reverted)."""
+        return sorted(self._merged)
+
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """Per edited module with a delta, its weight with the accumulated delta folded in (native orientation
+        and dtype, rounded once), as new tensors: the model is not changed."""
+        with torch.no_grad():
+            return {name: (self.targets[name].weight.to(torch.float32) + self.targets[name].to_native(delta))
+                    .to(self.targets[name].weight.dtype) for name, delta in self._accumulated.items()}
+
     def merge(self) -> None:
         """Fold the accumulated deltas into the base weights (rounded once to their dtype), then reset."""
         self._check_attached()
+        merged = self.merged_weights()
         self._merged.update(self._steps)
         with torch.no_grad():
-            for name, delta in self._accumulated.items():
-                target = self.targets[name]
-                weight = target.weight
-                weight.copy_((weight.to(torch.float32) + target.to_native(delta)).to(weight.dtype))
+            for name, weight in merged.items():
+                self.targets[name].weight.copy_(weight)
         self.reset()
 
     def reset(self) -> None:

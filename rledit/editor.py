@@ -93,6 +93,8 @@ class Editor:
         self.store = DeltaStore(model, self.targets)
         self.history: dict[int, EditStep] = {}
         self._token = uuid.uuid4().hex  # marks this editor's step handles
+        self.merged = False  # merge_and_unload() was called
+        self.targets_by_name = {t.name: t for t in self.targets}
         self.memory_limit: int | None = None  # bytes a step may use; None: what the model's device has free
 
     # ----------------------------------------------------------------------------------------- building
@@ -169,6 +171,8 @@ class Editor:
         non-finite update raise before the store or the method's state is touched).
         """
         start = time.perf_counter()
+        if self.merged:
+            raise EditorError("this editor was spent by merge_and_unload(); build a new Editor on the merged model")
         if self.store.is_bypassed:
             raise EditorError("apply inside `with editor.unedited()`: the model is computing as unedited there, so "
                               "the step's features would be wrong; apply outside the block")
@@ -224,6 +228,8 @@ class Editor:
     def revert(self, step: EditStep | int) -> None:
         """Remove one applied step exactly (the other steps stay applied). ``step`` is the handle
         :meth:`apply` returned, or its integer id."""
+        if self.merged:
+            raise EditorError("merge_and_unload() folded every step into the weights; no step can be reverted")
         if isinstance(step, EditStep):
             if step.editor and step.editor != self._token:
                 raise EditorError(f"step {step.id} was applied by another editor; revert it there")
@@ -243,7 +249,46 @@ class Editor:
 
     def unedited(self):
         """Context manager: inside it the model behaves as unedited (the store's deltas are bypassed)."""
+        self._check_not_merged("the unedited model")
         return self.store.bypassed()
+
+    def _check_not_merged(self, what: str) -> None:
+        if self.merged:
+            raise EditorError(f"{what} is gone: the edits were merged into the weights (merge_and_unload)")
+        if self.store.merged_steps:
+            raise EditorError(f"{what} is gone: steps {self.store.merged_steps} were merged into the base weights "
+                              "(store.merge()), which now hold them")
+
+    # ---------------------------------------------------------------------------------- plain models out
+    def save_pretrained(self, path: str | Path, merge: bool = True) -> None:
+        """Write the edited model and its tokenizer as a plain Hugging Face folder that
+        ``AutoModelForCausalLM.from_pretrained`` loads: the edited modules' weights with the deltas folded in
+        (rounded once to their dtype). The editor and its model are left as they are. Atomic, like every save.
+        """
+        if not merge:
+            raise EditorError("save_pretrained writes the merged model; for the edits alone use editor.save "
+                              "(rledit) or editor.store.export_peft (a peft LoRA adapter)")
+        if not hasattr(self.model, "save_pretrained"):
+            raise EditorError(f"the model ({type(self.model).__name__}) is not a Hugging Face model")
+        paths = {id(m): n for n, m in self.model.named_modules()}
+        state = self.model.state_dict()
+        for name, weight in self.store.merged_weights().items():
+            state[f"{paths[id(self.targets_by_name[name].module)]}.weight"] = weight
+        with atomic_directory(Path(path), "pretrained-model") as folder:
+            self.model.save_pretrained(folder, state_dict=state)
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(folder)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold every applied step into the model's weights, remove the store's hooks and return the model (a
+        plain model from then on, as peft's ``merge_and_unload``). The editor is spent: apply, revert, unedited
+        and references raise afterwards."""
+        self._check_not_merged("merge_and_unload")
+        self.store.merge()
+        self.store.detach()
+        self.history.clear()
+        self.merged = True
+        return self.model
 
     def evaluate(self, requests: Sequence[EditRequest | Mapping], protocols: Sequence[str] | None = None,
                  references: Any = None, batch_size: int = 32):

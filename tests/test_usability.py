@@ -28,3 +28,62 @@ def test_a_save_of_a_local_model_folder_loads_from_another_working_directory(tmp
     monkeypatch.chdir(tmp_path)
     loaded = Editor.load(tmp_path / "work" / "edited")
     assert len(loaded.steps) == 1
+
+
+def _edited(tokenizer):
+    import torch
+
+    torch.manual_seed(0)
+    editor = Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, layers=[2, 3])
+    step = editor.apply([{"prompt": "The capital of France is", "target_new": "Rome"}])
+    return editor, step
+
+
+def _logits(model, tokenizer):
+    import torch
+
+    from rledit.tokens import answer_logits, encode
+
+    with torch.no_grad():
+        return answer_logits(model, encode(tokenizer, ["The capital of France is"], ["Rome"]))
+
+
+def test_save_pretrained_writes_a_plain_hugging_face_model_with_the_edits_merged(tokenizer, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    editor, step = _edited(tokenizer)
+    edited = _logits(editor.model, tokenizer)
+    editor.save_pretrained(tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(_logits(plain, AutoTokenizer.from_pretrained(tmp_path / "merged")), edited,
+                               atol=1e-5, rtol=1e-5)
+    assert editor.steps == [step] and torch.equal(_logits(editor.model, tokenizer), edited)  # editor untouched
+    with editor.unedited():
+        assert not torch.allclose(_logits(editor.model, tokenizer), edited)
+
+
+def test_merge_and_unload_returns_the_plain_model_and_the_editor_says_it_is_spent(tokenizer):
+    import pytest
+    import torch
+
+    from rledit.deltas import DeltaError
+    from rledit.editor import EditorError
+
+    editor, step = _edited(tokenizer)
+    edited = _logits(editor.model, tokenizer)
+    model = editor.merge_and_unload()
+    assert all(not m._forward_hooks for m in model.modules())
+    torch.testing.assert_close(_logits(model, tokenizer), edited, atol=1e-5, rtol=1e-5)
+    for action in (editor.unedited, lambda: editor.revert(step), lambda: editor.references(["x"]),
+                   lambda: editor.apply({"prompt": "a b", "target_new": "c"})):
+        with pytest.raises(EditorError, match="merge_and_unload"):
+            action()
+
+    other, first = _edited(tokenizer)  # a direct store.merge(): the history and unedited view say so
+    other.store.merge()
+    with pytest.raises(EditorError, match=r"steps \[0\] were merged into the base weights"):
+        other.unedited()
+    with pytest.raises(DeltaError, match="merged into the base weights"):
+        other.revert(first)
+    assert other.steps == []
