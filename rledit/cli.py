@@ -285,23 +285,23 @@ def _demo(args: argparse.Namespace) -> int:
     before = editor.evaluate(requests, protocol, references=references)
     step = editor.apply(requests)
     after = editor.evaluate(requests, protocol, references=references)
+    greedy = editor.compare([r.prompt for r in requests], max_new_tokens=6)
     print(f"\napplied {step.n_edits} zsRE edits in one step ({step.seconds:.2f} s) with "
           f"{'editor ' + str(checkpoint) if checkpoint else 'the untrained editor'}\n")
-    print(demo_table(requests, before, after))
+    print(demo_table(requests, before, after, greedy))
     return 0
 
 
-def demo_table(requests, before, after) -> str:
-    """Per edit: the new target and the model's teacher-forced prediction before and after; then the means."""
+def demo_table(requests, before, after, greedy) -> str:
+    """Per edit: the new target and the model's greedy text before and after (``Editor.compare`` rows); then
+    the teacher-forced metrics before and after."""
     protocol = before.protocols[0]
-    predicted = {moment: {r.index: r.outputs.get("predicted", "") for r in result.records if r.protocol == protocol}
-                 for moment, result in (("before", before), ("after", after))}
-    rows = [f"{'prompt':<52} {'new target':<18} {'before':<18} {'after':<18}"]
-    for i, request in enumerate(requests):
+    rows = [f"{'prompt':<52} {'new target':<18} {'before (greedy)':<18} {'after (greedy)':<18}"]
+    for request, text in zip(requests, greedy):
         rows.append(f"{_cut(request.prompt, 52):<52} {_cut(request.target_new, 18):<18} "
-                    f"{_cut(predicted['before'][i], 18):<18} {_cut(predicted['after'][i], 18):<18}")
+                    f"{_cut(text['unedited'], 18):<18} {_cut(text['edited'], 18):<18}")
     rows.append("")
-    rows.append(f"{'metric (' + protocol + ', %)':<40} {'before':>8} {'after':>8}")
+    rows.append(f"{'metric (' + protocol + ', teacher-forced, %)':<40} {'before':>8} {'after':>8}")
     for metric in ("efficacy", "generalization", "locality", "specificity"):
         if metric in before.metrics[protocol]:
             rows.append(f"{metric:<40} {before.metrics[protocol][metric]:8.1f} {after.metrics[protocol][metric]:8.1f}")

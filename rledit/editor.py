@@ -259,6 +259,27 @@ class Editor:
             raise EditorError(f"{what} is gone: steps {self.store.merged_steps} were merged into the base weights "
                               "(store.merge()), which now hold them")
 
+    # ------------------------------------------------------------------------------------- free text
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 20, batch_size: int = 32) -> list[str]:
+        """The edited model's greedy continuation of each prompt (text, without the prompt), at most
+        ``max_new_tokens`` tokens, stopping at the end-of-sequence token."""
+        from rledit.eval.generation import greedy_decode
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise EditorError("generate takes a prompt or a non-empty list of non-empty prompts")
+        ids = greedy_decode(self.model, self.tokenizer, prompts, [max_new_tokens] * len(prompts), batch_size)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+    def compare(self, prompts: str | Sequence[str], max_new_tokens: int = 20) -> list[dict[str, str]]:
+        """Greedy continuations of the unedited and the edited model side by side: per prompt
+        ``{"prompt", "unedited", "edited"}``. :func:`comparison_table` prints them."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        with self.unedited():
+            before = self.generate(prompts, max_new_tokens)
+        after = self.generate(prompts, max_new_tokens)
+        return [{"prompt": p, "unedited": b, "edited": a} for p, b, a in zip(prompts, before, after)]
+
     # ---------------------------------------------------------------------------------- plain models out
     def save_pretrained(self, path: str | Path, merge: bool = True) -> None:
         """Write the edited model and its tokenizer as a plain Hugging Face folder that
@@ -475,3 +496,14 @@ def _portable_model_name(name: str) -> str:
     working directory), anything else (alias, hub id) as given."""
     path = Path(name).expanduser()
     return str(path.resolve()) if name and (path / "config.json").is_file() else name
+
+
+def comparison_table(rows: Sequence[Mapping[str, str]], width: int = 40) -> str:
+    """A plain-text table of :meth:`Editor.compare` rows (greedy text of the unedited and edited model)."""
+    def cut(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    lines = [f"{'prompt':<{width}}  {'unedited (greedy)':<{width}}  {'edited (greedy)':<{width}}"]
+    lines += [f"{cut(r['prompt']):<{width}}  {cut(r['unedited']):<{width}}  {cut(r['edited']):<{width}}" for r in rows]
+    return "\n".join(lines)

@@ -87,3 +87,19 @@ def test_merge_and_unload_returns_the_plain_model_and_the_editor_says_it_is_spen
     with pytest.raises(DeltaError, match="merged into the base weights"):
         other.revert(first)
     assert other.steps == []
+
+
+def test_generate_and_compare_show_greedy_text_of_the_edited_and_unedited_model(tokenizer):
+    from rledit.editor import comparison_table
+    from rledit.eval.generation import greedy_decode
+
+    editor, _ = _edited(tokenizer)
+    text = editor.generate("The capital of France is", max_new_tokens=4)
+    expected = greedy_decode(editor.model, tokenizer, ["The capital of France is"], [4])[0]
+    assert text == [tokenizer.decode(expected, skip_special_tokens=True)]
+    rows = editor.compare(["The capital of France is", "Who wrote Hamlet?"], max_new_tokens=4)
+    with editor.unedited():
+        assert rows[0]["unedited"] == editor.generate("The capital of France is", max_new_tokens=4)[0]
+    assert rows[0]["edited"] == text[0] and [r["prompt"] for r in rows][1] == "Who wrote Hamlet?"
+    table = comparison_table(rows)
+    assert "unedited (greedy)" in table and len(table.splitlines()) == 3
