@@ -17,7 +17,7 @@ import json
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +51,22 @@ class EditConflictWarning(UserWarning):
     """One step holds edits that contradict each other (the same prompt, different targets)."""
 
 
-def as_requests(edits: EditRequest | Mapping | Sequence[EditRequest | Mapping]) -> list[EditRequest]:
-    """Normalise one request, one dict, or a list of them into a non-empty list of EditRequests."""
+def as_requests(edits: Any) -> list[EditRequest]:
+    """Normalise one request or dict, or any iterable of them (a list, a ``datasets.Dataset``, a generator),
+    into a non-empty list of EditRequests. Dicts may be in rledit's own format (the EditRequest fields) or in any
+    of the dataset formats :mod:`rledit.data.formats` reads."""
+    from rledit.data.formats import NATIVE_KEYS, parse_record
+
     if isinstance(edits, (EditRequest, Mapping)):
         edits = [edits]
-    if isinstance(edits, (str, bytes)) or not isinstance(edits, Sequence):
-        raise EditRequestError(f"edits must be an EditRequest, a dict, or a list of them; got {type(edits).__name__}")
+    if isinstance(edits, (str, bytes)) or not isinstance(edits, Iterable):
+        raise EditRequestError(f"edits must be an EditRequest, a dict, or an iterable of them; got {type(edits).__name__}")
     requests = []
     for i, edit in enumerate(edits):
         try:
+            if isinstance(edit, Mapping) and not set(edit) <= NATIVE_KEYS:
+                requests.append(parse_record(edit, "record"))
+                continue
             requests.append(EditRequest.from_dict(edit))
         except (EditRequestError, TypeError) as exc:
             raise EditRequestError(f"edit {i}: {exc}") from exc

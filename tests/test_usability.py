@@ -103,3 +103,46 @@ def test_generate_and_compare_show_greedy_text_of_the_edited_and_unedited_model(
     assert rows[0]["edited"] == text[0] and [r["prompt"] for r in rows][1] == "Who wrote Hamlet?"
     table = comparison_table(rows)
     assert "unedited (greedy)" in table and len(table.splitlines()) == 3
+
+
+NATIVE = [{"prompt": "The capital of France is", "target_new": "Rome", "rephrase_prompts": ["France's capital:"],
+           "locality": [{"prompt": "Who wrote Hamlet?", "answer": "Shakespeare"}]},
+          {"prompt": "{} speaks", "subject": "Danielle Darrieux", "target_new": "German"}]
+
+
+def test_the_native_record_format_is_a_sixth_format_in_json_and_jsonl(tmp_path):
+    from rledit.data import detect_format, load_requests
+
+    assert detect_format(NATIVE[0]) == "rledit"
+    (tmp_path / "facts.json").write_text(json.dumps(NATIVE))
+    (tmp_path / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in NATIVE))
+    for name in ("facts.json", "facts.jsonl"):
+        requests = load_requests(tmp_path / name)
+        assert [r.prompt for r in requests] == ["The capital of France is", "Danielle Darrieux speaks"]
+        assert requests[0].locality[0].answer == "Shakespeare" and requests[0].rephrase_prompts == ("France's capital:",)
+    round_trip = [r.to_dict() for r in load_requests(tmp_path / "facts.json")]
+    assert [detect_format(r) for r in round_trip] == ["rledit", "rledit"]
+    knowedit = load_requests("zsre-knowedit", limit=1)  # same prompt/target_new keys, still its own format
+    assert knowedit[0].locality
+
+
+def test_records_in_memory_a_dataset_or_any_iterable_are_accepted(tokenizer):
+    import datasets
+    import pytest
+
+    from rledit.data import load_requests
+    from rledit.types import EditRequestError
+
+    table = datasets.Dataset.from_list([{"prompt": r["prompt"].replace("{}", "Danielle Darrieux"),
+                                         "target_new": r["target_new"]} for r in NATIVE])
+    assert [r.target_new for r in load_requests(table)] == ["Rome", "German"]
+    easyedit = {"prompt": "The twin city of Lyon is", "subject": "Lyon", "target_new": "Manila",
+                "ground_truth": "Beirut", "rephrase_prompt": "Lyon's twin city is",
+                "locality_prompt": "The twin city of Paris is", "locality_ground_truth": "Rome"}
+    editor, _ = _edited(tokenizer)
+    step = editor.apply(table)
+    assert step.n_edits == 2
+    assert editor.apply(r for r in [easyedit]).n_edits == 1  # a generator of another format's records
+    assert editor.evaluate(table).metrics
+    with pytest.raises(EditRequestError, match="edit 0: record with keys .* is in no known format"):
+        editor.apply([{"question": "x", "answer": "y"}])

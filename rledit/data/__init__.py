@@ -1,4 +1,4 @@
-"""Edit data: record files in five formats turned into validated :class:`EditRequest` lists, and T×B streams.
+"""Edit data: record files in six formats turned into validated :class:`EditRequest` lists, and T×B streams.
 
     >>> from rledit.data import load_requests, EditStream
     >>> requests = load_requests("zsre", split="eval", limit=1000)
@@ -14,7 +14,9 @@ record formats and how their fields map onto :class:`EditRequest`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from rledit.data.files import DATA_ENV, DATASETS, data_dir, dataset_file, read_records, skipped_indices
 from rledit.data.formats import FORMAT_NAMES, DataError, detect_format, parse_records
@@ -38,22 +40,30 @@ def load_file(path: str | Path) -> list[EditRequest]:
     return requests
 
 
-def load_requests(source: str | Path, split: str = "eval", limit: int | None = None) -> list[EditRequest]:
-    """Load validated edit requests from a named dataset or a file.
+def load_requests(source: Any, split: str = "eval", limit: int | None = None) -> list[EditRequest]:
+    """Load validated edit requests from a named dataset, a file, or records already in memory.
 
     Args:
-        source: ``"zsre"``, ``"zsre-knowedit"``, ``"counterfact"``, or a path to a file in any known format.
+        source: ``"zsre"``, ``"zsre-knowedit"``, ``"counterfact"``, a path to a file in any known format, or an
+            iterable of records (dicts in any known format, e.g. a ``datasets.Dataset``).
         split: ``"train"`` or ``"eval"`` (``"edit"`` is the same as ``"eval"``); not used for a file path.
         limit: if given, the first ``limit`` requests in file order; more than the file holds is an error.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    path = dataset_file(source, split)
-    requests = load_file(path)
+    if isinstance(source, (str, Path)):
+        path = dataset_file(source, split)
+        requests, name = load_file(path), path.name
+    elif isinstance(source, Iterable) and not isinstance(source, (bytes, Mapping)):
+        name = type(source).__name__
+        requests = parse_records([dict(r) if isinstance(r, Mapping) else r for r in source], name)
+    else:
+        raise DataError(f"source must be a dataset name, a file path or an iterable of records, not "
+                        f"{type(source).__name__}")
     if limit is None:
         return requests
     if limit > len(requests):
-        raise DataError(f"limit={limit} but {path.name} holds only {len(requests)} valid requests")
+        raise DataError(f"limit={limit} but {name} holds only {len(requests)} valid requests")
     return requests[:limit]
 
 

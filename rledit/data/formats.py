@@ -1,7 +1,10 @@
-"""The five edit-record formats rledit reads, and how a record of each becomes an :class:`EditRequest`.
+"""The six edit-record formats rledit reads, and how a record of each becomes an :class:`EditRequest`.
 
 Formats (names used by :func:`detect_format`):
 
+- ``rledit``: rledit's own, the fields of :class:`EditRequest` (``prompt, target_new``; optional ``subject,
+  ground_truth, rephrase_prompts, locality [{prompt, answer, kind}], portability``, ``source``): what
+  ``EditRequest.to_dict`` writes, and the easiest way to edit one's own facts.
 - ``zsre-mend``: MEND/ROME zsRE (``subject, src, rephrase, alt, answers, loc, loc_ans``; optional ``portability``).
 - ``zsre-knowedit``: KnowEdit zsRE (``subject, prompt, target_new, ground_truth, rephrase_prompt,
   locality{name: [{prompt, ground_truth}]}``; optional ``portability`` of the same shape).
@@ -153,11 +156,52 @@ class _Fields:
                     pairs.append(PromptAnswer(prompt, answer, str(name)))
         return tuple(pairs)
 
+    def items(self, path: str) -> tuple[PromptAnswer, ...]:
+        """An optional list of ``{prompt, answer, kind?}`` objects (rledit's own format)."""
+        items = self.value(path, required=False)
+        if items is None:
+            return ()
+        if not isinstance(items, list):
+            self.problems.append(f"'{path}' must be a list of {{prompt, answer, kind}}, got {type(items).__name__}")
+            return ()
+        pairs = []
+        for i, item in enumerate(items):
+            where = f"{path}[{i}]"
+            if not isinstance(item, Mapping) or "prompt" not in item or "answer" not in item:
+                self.problems.append(f"'{where}' must be an object with prompt and answer")
+                continue
+            prompt, answer = self.as_text(item["prompt"], f"{where}.prompt"), self.as_text(item["answer"], f"{where}.answer")
+            kind = item.get("kind", "")
+            if not isinstance(kind, str):
+                self.problems.append(f"'{where}.kind' must be a string")
+            elif prompt is not None and answer is not None:
+                pairs.append(PromptAnswer(prompt, answer, kind))
+        return tuple(pairs)
+
     def one_hop(self, path: str) -> tuple[PromptAnswer, ...]:
         """An optional EasyEdit one-hop object ``{"New Question": ..., "New Answer": ...}``."""
         if self.value(path, required=False) is None:
             return ()
         return self.pair(f"{path}.New Question", f"{path}.New Answer", "One_Hop")
+
+
+def _native(f: _Fields) -> dict[str, Any]:
+    subject = f.text("subject", required=False)
+    return {
+        "prompt": f.prompt("prompt", subject),
+        "target_new": f.text("target_new"),
+        "subject": subject,
+        "ground_truth": f.answer("ground_truth", required=False),
+        "rephrase_prompts": f.texts("rephrase_prompts", required=False),
+        "locality": f.items("locality"),
+        "portability": f.items("portability"),
+    }
+
+
+def _is_native(record: Mapping[str, Any]) -> bool:
+    """Native records hold only EditRequest fields: that tells them from KnowEdit/EasyEdit ones with the same
+    ``prompt``/``target_new`` keys."""
+    return set(record) <= NATIVE_KEYS and not isinstance(record.get("locality"), Mapping)
 
 
 def _zsre_mend(f: _Fields) -> dict[str, Any]:
@@ -224,16 +268,26 @@ def _counterfact_rome(f: _Fields) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RecordFormat:
-    """One record format: the keys that identify it, the keys it needs, and its record parser."""
+    """One record format: the keys that identify it (and optionally a further test), the keys it needs, and
+    its record parser."""
 
     name: str
     markers: tuple[str, ...]
     required: tuple[str, ...]
     parse: Callable[[_Fields], dict[str, Any]]
+    accepts: Callable[[Mapping[str, Any]], bool] | None = None
+
+    def matches(self, record: Mapping[str, Any]) -> bool:
+        return all(k in record for k in self.markers) and (self.accepts is None or self.accepts(record))
+
+
+NATIVE_KEYS = frozenset({"prompt", "target_new", "subject", "ground_truth", "rephrase_prompts", "locality",
+                         "portability", "source"})
 
 
 # Detection tries these in order; the first whose marker keys are all present wins.
 FORMATS: tuple[RecordFormat, ...] = (
+    RecordFormat("rledit", ("prompt", "target_new"), ("prompt", "target_new"), _native, _is_native),
     RecordFormat("counterfact-rome", ("requested_rewrite",),
                  ("requested_rewrite{prompt, subject, target_new{str}, target_true{str}}", "paraphrase_prompts",
                   "neighborhood_prompts"), _counterfact_rome),
@@ -254,7 +308,7 @@ def known_formats_text() -> str:
 
 
 def _match(record: Mapping[str, Any]) -> RecordFormat | None:
-    return next((fmt for fmt in FORMATS if all(k in record for k in fmt.markers)), None)
+    return next((fmt for fmt in FORMATS if fmt.matches(record)), None)
 
 
 def detect_format(record: Mapping[str, Any]) -> str:
@@ -268,6 +322,20 @@ def detect_format(record: Mapping[str, Any]) -> str:
         raise DataError(f"record with keys {keys} is in no known format; known formats and the keys they need:\n"
                         f"{known_formats_text()}")
     return fmt.name
+
+
+def parse_record(record: Mapping[str, Any], where: str) -> EditRequest:
+    """One raw record in any known format as an edit request; :class:`EditRequestError` saying what is wrong,
+    starting with ``where`` (e.g. "record")."""
+    fmt = _match(record)
+    if fmt is None:
+        raise EditRequestError(f"{where} with keys {sorted(record)} is in no known format; known formats "
+                               f"and the keys they need:\n{known_formats_text()}")
+    out: list[EditRequest] = []
+    problems = _record_problems(record, fmt, where, out)
+    if problems:
+        raise EditRequestError(f"{where} (format {fmt.name}): {'; '.join(problems)}")
+    return out[0]
 
 
 def parse_records(records: list[Any], name: str, skip: Iterable[int] = ()) -> list[EditRequest]:
