@@ -1,4 +1,4 @@
-"""The ``rledit`` command line: ``train | eval | demo | bench | worlds``.
+"""The ``rledit`` command line: ``train | eval | edit | generate | demo | bench | worlds``.
 
 Each subcommand is a thin layer over the library: it parses arguments, calls the same functions a user would
 call from Python, and writes results files that say how they were produced.
@@ -32,10 +32,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _version() -> str:
+    import rledit
+
+    return rledit.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="rledit", description="Lifelong editing of language models.")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"rledit {_version()}")
     sub = parser.add_subparsers(dest="command")
 
     train = sub.add_parser("train", help="train an RLEdit-family editor over edit sequences")
@@ -48,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from a trained editor (name or folder) with the same modules and network shape")
     train.set_defaults(handler=_train)
 
-    evaluate = sub.add_parser("eval", help="score the unedited model under every applicable protocol")
+    evaluate = sub.add_parser("eval", help="score a model (unedited, or edited with --editor) under every "
+                                           "applicable protocol")
     _add_model_and_data(evaluate)
+    evaluate.add_argument("--editor", default=None, help="score this saved edited model (rledit edit --out) instead")
     evaluate.add_argument("--protocols", nargs="*", default=None, help="protocol ids (default: all applicable)")
     evaluate.add_argument("--out", required=True, help="summary JSON path (per-example records go beside it)")
     evaluate.set_defaults(handler=_eval)
@@ -81,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True,
                        help="results JSON (with --method) or folder for per-method JSON, table and plot (--methods)")
     bench.set_defaults(handler=_bench)
+
+    from rledit.cli_edit import add_edit_parsers
+
+    add_edit_parsers(sub)
 
     report = sub.add_parser("bench-report", help="table.md + curves.png of every bench run in a results folder")
     report.add_argument("folder", help="a folder written by `rledit bench --methods ... --out FOLDER`")
@@ -168,15 +181,25 @@ def _eval(args: argparse.Namespace) -> int:
     from rledit.models import load_model
 
     requests = load_requests(args.data, args.split, limit=args.limit)
-    loaded = load_model(args.model, dtype=args.dtype)
-    result = evaluate(loaded.model, loaded.tokenizer, requests, protocols=args.protocols,
-                      batch_size=args.batch_size)
     data_file = dataset_file(args.data, args.split)
-    meta = {"model": loaded.name, "model_revision": loaded.revision, "seed": None,
-            "data": {"source": args.data, "split": args.split, "limit": args.limit,
-                     "file": str(data_file), "sha256": file_sha256(data_file)}}
+    data = {"source": args.data, "split": args.split, "limit": args.limit, "file": str(data_file),
+            "sha256": file_sha256(data_file)}
+    if args.editor:
+        from rledit.editor import Editor
+
+        editor = Editor.load(args.editor, dtype=args.dtype)
+        result = editor.evaluate(requests, args.protocols, batch_size=args.batch_size)
+        meta = {"model": editor.model_name, "editor": str(Path(args.editor).resolve()), "seed": None,
+                "edit_steps": [s.to_dict() for s in editor.steps], "data": data}
+        what = f"{editor.model_name} edited by {args.editor} ({len(editor.steps)} steps)"
+    else:
+        loaded = load_model(args.model, dtype=args.dtype)
+        result = evaluate(loaded.model, loaded.tokenizer, requests, protocols=args.protocols,
+                          batch_size=args.batch_size)
+        meta = {"model": loaded.name, "model_revision": loaded.revision, "seed": None, "data": data}
+        what = f"unedited {loaded.name}"
     summary, records = write_results(args.out, result, meta)
-    print(format_metrics(result.metrics, f"unedited {loaded.name} on {len(requests)} {args.data} records"))
+    print(format_metrics(result.metrics, f"{what} on {len(requests)} {args.data} records"))
     print(f"summary: {summary}\nper-example records: {records}")
     return 0
 

@@ -146,3 +146,32 @@ def test_records_in_memory_a_dataset_or_any_iterable_are_accepted(tokenizer):
     assert editor.evaluate(table).metrics
     with pytest.raises(EditRequestError, match="edit 0: record with keys .* is in no known format"):
         editor.apply([{"question": "x", "answer": "y"}])
+
+
+def test_cli_edit_generate_and_eval_an_edited_model_from_a_facts_file(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from rledit.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(r) + "\n" for r in NATIVE))
+    out = tmp_path / "edited"
+    assert main(["edit", "--data", str(facts), "--model", str(folder), "--out", str(out), "--step-size", "1",
+                 "--save-pretrained", str(tmp_path / "merged"), "--export-peft", str(tmp_path / "adapter")]) == 0
+    printed = capsys.readouterr().out
+    assert "untrained hypernetwork" in printed and "step 1: 1 edits" in printed and "edited (greedy)" in printed
+    assert Editor.load(out).steps[-1].id == 1
+    AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert main(["generate", "--editor", str(out), "--prompt", "The capital of France is", "--compare",
+                 "--max-new-tokens", "3"]) == 0
+    assert "unedited (greedy)" in capsys.readouterr().out
+    assert main(["generate", "--model", str(folder), "--prompt", "The capital of France is"]) == 0
+    assert capsys.readouterr().out.startswith("The capital of France is")
+    assert main(["eval", "--editor", str(out), "--data", str(facts), "--out", str(tmp_path / "scores.json")]) == 0
+    summary = json.loads((tmp_path / "scores.json").read_text())
+    assert summary["editor"] == str(out.resolve()) and summary["timing"] == "edited" and summary["unedited"] is None
+    assert [s["n_edits"] for s in summary["edit_steps"]] == [1, 1] and summary["metrics"]

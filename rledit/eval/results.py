@@ -125,11 +125,12 @@ def summary_dict(result: EvalResult | LifelongResult, meta: Mapping[str, Any] | 
     if clashes:
         raise ValueError(f"meta keys {clashes} are filled in from the result; leave them out of meta")
     lifelong = isinstance(result, LifelongResult)
+    edited = not lifelong and bool(meta.get("editor"))  # a saved edited model scored as it is (rledit eval --editor)
     unedited = result.unedited if lifelong else result
     summary: dict[str, Any] = {
         "format": "rledit-eval@1",
         "protocols": list(result.protocols),
-        "timing": result.timing if lifelong else "unedited",
+        "timing": result.timing if lifelong else ("edited" if edited else "unedited"),
         "model": meta.pop("model", None),
         "model_revision": meta.pop("model_revision", None),
         "data": meta.pop("data", None),
@@ -141,8 +142,8 @@ def summary_dict(result: EvalResult | LifelongResult, meta: Mapping[str, Any] | 
         "n_examples": result.n_examples,
         "metrics": result.metrics,
         "counts": result.counts,
-        "unedited": unedited.metrics,
-        "unedited_counts": unedited.counts,
+        "unedited": None if edited else unedited.metrics,
+        "unedited_counts": None if edited else unedited.counts,
     }
     if lifelong:
         summary.update({
