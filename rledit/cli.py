@@ -20,6 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rledit`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_rledit_messages()
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
@@ -30,6 +31,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"rledit {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _show_rledit_messages() -> None:
+    """rledit's one-line notes (which modules are edited, an untrained editor, skipped protocols) on stderr."""
+    import logging
+
+    logger = logging.getLogger("rledit")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("rledit: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _version() -> str:

@@ -14,6 +14,7 @@ own state (e.g. a lifelong normaliser) is restored too.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 import warnings
@@ -26,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import rledit
-from rledit.checkpoints import read_checkpoint, write_checkpoint
+from rledit.checkpoints import read_checkpoint, shipped_checkpoints, write_checkpoint
 from rledit.deltas import DeltaError, DeltaStore
 from rledit.files import atomic_directory, file_sha256, read_json, read_safetensors
 from rledit.hooks import capture_bytes, capture_features
@@ -36,6 +37,8 @@ from rledit.targets import EditTarget, TargetError, resolve_targets
 from rledit.tokens import context_length, encode
 from rledit.types import EditRequest, EditRequestError, EditStep
 
+_log = logging.getLogger("rledit")
+UNTRAINED_WARNING = ("rledit", "malmen", "mend")  # hypernetwork methods: without a checkpoint they are untrained
 EDITOR_FILE = "editor.json"
 EDITOR_FORMAT = "rledit-editor"
 EDITOR_VERSIONS = (1, 2)  # 2 adds method_state_sha256 (required from 2 on)
@@ -160,6 +163,11 @@ class Editor:
                               f"modules {saved.modules}) and does not fit this model: {exc}") from exc
         if saved is not None:
             saved.check_targets(targets)
+        _log.info("editing %d modules with %s: %s", len(targets), method, ", ".join(t.name for t in targets))
+        if saved is None and method in UNTRAINED_WARNING:
+            _log.warning("%s without a checkpoint: its hypernetwork is untrained (the gradient-like editor "
+                         "d = -lr·|k|²·g); pass checkpoint= for a trained editor (shipped: %s)", method,
+                         ", ".join(shipped_checkpoints()) or "none")
         editor = cls(model, tokenizer, edit_method, targets, model_name=name,
                      checkpoint=str(checkpoint) if checkpoint is not None else None)
         if saved is not None:

@@ -175,3 +175,19 @@ def test_cli_edit_generate_and_eval_an_edited_model_from_a_facts_file(tmp_path, 
     summary = json.loads((tmp_path / "scores.json").read_text())
     assert summary["editor"] == str(out.resolve()) and summary["timing"] == "edited" and summary["unedited"] is None
     assert [s["n_edits"] for s in summary["edit_steps"]] == [1, 1] and summary["metrics"]
+
+
+def test_defaults_are_said_not_silent(tokenizer, caplog):
+    import logging
+
+    from rledit.eval import evaluate
+    from rledit.types import EditRequest
+
+    caplog.set_level(logging.INFO, logger="rledit")
+    Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, layers=[2, 3])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("editing 4 modules with rledit: model.layers.2.mlp.gate_proj" in m for m in messages)
+    assert any("hypernetwork is untrained" in m for m in messages)
+    caplog.clear()
+    evaluate(tiny_model("llama"), tokenizer, [EditRequest("The capital of France is", "Rome")])
+    assert any(m.startswith("evaluate: skipping cf-prob@1: ") for m in (r.getMessage() for r in caplog.records))

@@ -10,6 +10,7 @@ Locality compares the edited model with the UNEDITED one, so protocols that need
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from rledit.eval.generation import greedy_decode
 from rledit.tokens import target_token_ids
 from rledit.types import EditRequest
 
+_log = logging.getLogger("rledit")
 
 class ProtocolError(ValueError):
     """A protocol that does not exist, does not apply to the requests, or lacks its references."""
@@ -332,7 +334,14 @@ def resolve_protocols(protocols: Sequence[str | Protocol] | None, requests: Sequ
         protocols = [protocols]
     if protocols is None:
         latest = {p.name: get_protocol(p.name) for p in _REGISTRY.values()}
-        return [p for _, p in sorted(latest.items()) if p.applicable(requests)]
+        chosen = []
+        for _, protocol in sorted(latest.items()):
+            reason = protocol.unmet_requirement(requests)
+            if reason is None:
+                chosen.append(protocol)
+            else:
+                _log.info("evaluate: skipping %s: %s", protocol.id, reason)
+        return chosen
     resolved = list({p.id: p for p in map(get_protocol, protocols)}.values())
     if not resolved:
         raise ProtocolError(f"no protocols given; choose from {', '.join(list_protocols())}")
