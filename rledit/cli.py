@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # rledit.models.DTYPES, without torch
 RESTARTABLE = {"hparams.yaml", "train_log.jsonl", "training_curve.png"}  # what a run writes before its 1st checkpoint
 RESUMABLE_CHANGES = {"method.train.episodes"}  # extending a run is resuming it
 
@@ -31,6 +32,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"rledit {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, unless it is empty or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _show_rledit_messages() -> None:
@@ -112,12 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("folder", help="a folder written by `rledit bench --methods ... --out FOLDER`")
     report.set_defaults(handler=_bench_report)
 
+    listing = sub.add_parser("list", help="what is available: methods, protocols, shipped editors, model presets")
+    listing.set_defaults(handler=_list)
+
     try:
         from rledit.worlds.cli import add_worlds_parser
     except ImportError:  # the worlds extra is optional at import time
         add_worlds_parser = None
     if add_worlds_parser is not None:
         add_worlds_parser(sub)
+    for command in sub.choices.values():  # every --help shows the defaults
+        command.formatter_class = DefaultsHelpFormatter
     return parser
 
 
@@ -126,8 +142,8 @@ def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="zsre", help="zsre | zsre-knowedit | counterfact | PATH")
     parser.add_argument("--split", default="eval", help="train | eval")
     parser.add_argument("--limit", type=int, default=None, help="first N records")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the model's weights")
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per scoring batch")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -185,6 +201,21 @@ def _check_same_run(saved: Any, given: Any, out: Path) -> None:
         raise ValueError(f"--resume: {out} was started with other hparams ({details}); resume with the same "
                          f"--hparams and --set (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or start "
                          "a new run with --init")
+
+
+def _list(args: argparse.Namespace) -> int:
+    from rledit.checkpoints import shipped_checkpoints
+    from rledit.eval import list_protocols
+    from rledit.hparams import HPARAMS_DIR
+    from rledit.methods import available_methods
+
+    presets = sorted(p.stem for p in (HPARAMS_DIR / "models").glob("*.yaml"))
+    experiments = sorted(p.stem for p in (HPARAMS_DIR / "experiments").glob("*.yaml"))
+    for title, items in (("methods", available_methods()), ("protocols", list_protocols()),
+                         ("shipped editors", shipped_checkpoints()), ("model presets (hparams/models)", presets),
+                         ("experiments (hparams/experiments)", experiments)):
+        print(f"{title}:\n  " + ("\n  ".join(items) if items else "(none)"))
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -16,8 +16,7 @@ DEFAULT_EDITORS = {("smollm2-135m", "rledit"): "smollm2-135m-zsre"}  # the shipp
 
 def add_edit_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the ``edit`` and ``generate`` subcommands to the ``rledit`` parser."""
-    edit = sub.add_parser("edit", help="apply your own facts from a file; save the edited model",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    edit = sub.add_parser("edit", help="apply your own facts from a file; save the edited model")
     edit.add_argument("--data", required=True, help="facts file (.json/.jsonl[.gz], any known record format)")
     edit.add_argument("--model", default="smollm2-135m", help="hub id, local folder or alias")
     edit.add_argument("--method", default="rledit", help="editing method")
@@ -31,8 +30,7 @@ def add_edit_parsers(sub: argparse._SubParsersAction) -> None:
     edit.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens shown per edited prompt")
     edit.set_defaults(handler=_edit)
 
-    generate = sub.add_parser("generate", help="greedy text of an edited (or any) model",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    generate = sub.add_parser("generate", help="greedy text of an edited (or any) model")
     which = generate.add_mutually_exclusive_group(required=True)
     which.add_argument("--editor", help="a folder written by `rledit edit` or Editor.save")
     which.add_argument("--model", help="hub id, local folder or alias (unedited)")

@@ -191,3 +191,24 @@ def test_defaults_are_said_not_silent(tokenizer, caplog):
     caplog.clear()
     evaluate(tiny_model("llama"), tokenizer, [EditRequest("The capital of France is", "Rome")])
     assert any(m.startswith("evaluate: skipping cf-prob@1: ") for m in (r.getMessage() for r in caplog.records))
+
+
+def test_cli_version_list_and_help_with_defaults(capsys):
+    import pytest
+
+    import rledit
+    from rledit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"rledit {rledit.__version__}"
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert "smollm2-135m-zsre" in listing and "zsre-token-acc@2" in listing and "alphaedit" in listing
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    help_text = capsys.readouterr().out
+    assert "(default: 50)" in help_text and "(default: None)" not in help_text
+    with pytest.raises(SystemExit):
+        main(["eval", "--dtype", "float64", "--out", "x.json"])
+    assert "invalid choice: 'float64'" in capsys.readouterr().err
