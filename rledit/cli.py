@@ -302,6 +302,11 @@ def _bench_spec(args: argparse.Namespace, name: str):
         if model_file.is_file():
             model = load_section(model_file, "model")
             layers, modules = model.layers, model.modules
+        elif not args.layers:
+            import logging
+
+            logging.getLogger("rledit").info("no preset %s for %s: %s edits the architecture's default layers",
+                                             model_file, args.model, method)
         layers = args.layers or layers
     return BenchSpec(method=method, checkpoint=checkpoint or None, hparams=hparams, layers=layers, modules=modules,
                      data=args.data, split=args.split, steps=args.steps, batch=args.batch, timing=args.timing,

@@ -37,7 +37,14 @@ from rledit.files import write_text_atomically
 
 SECTIONS = ("model", "method", "data", "experiment")
 COMMAND_LINE = "command line"
-HPARAMS_DIR = Path(__file__).resolve().parents[1] / "hparams"  # the shipped YAML (in a source checkout)
+def _shipped_hparams() -> Path:
+    """The shipped YAML: the source checkout's hparams/, else the copy an installed wheel carries."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "hparams"
+    return checkout if (checkout / "models").is_dir() else package / "_shipped" / "hparams"
+
+
+HPARAMS_DIR = _shipped_hparams()
 _METHOD_FIELD = "rledit.hparams/method"  # field metadata: the schema is chosen by the value's ``name``
 
 

@@ -32,9 +32,18 @@ SPLIT_ALIASES = {"edit": "eval"}
 
 
 def data_dir() -> Path:
-    """The folder the named datasets are read from: ``$RLEDIT_DATA`` if set, else the repository's ``data/``."""
+    """The folder the named datasets are read from: ``$RLEDIT_DATA`` if set, else the source checkout's
+    ``data/``, else the copy an installed wheel carries (``rledit/_shipped/data``)."""
     env = os.environ.get(DATA_ENV)
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "data"
+    if env:
+        return Path(env).expanduser()
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package.parent / "data", package / "_shipped" / "data"):
+        if (folder / "SOURCES.md").is_file():
+            return folder
+    raise DataError(f"rledit's bundled data is missing: neither {package.parent / 'data'} (a source checkout) nor "
+                    f"{package / '_shipped' / 'data'} (an installed wheel) exists; reinstall rledit or set "
+                    f"${DATA_ENV} to a folder holding the data files")
 
 
 def dataset_file(source: str | Path, split: str = "eval") -> Path:
