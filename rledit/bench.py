@@ -193,7 +193,11 @@ def _results(spec, editor, model_name, stream, result, setup, floors, total) -> 
         "seed": spec.seed,
         "version": rledit.__version__,
         "torch": torch.__version__,
+        "transformers": _version_of("transformers"),
+        "peft": _version_of("peft"),
         "threads": torch.get_num_threads(),
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
         "command": shlex.join(["rledit", *sys.argv[1:]]) if Path(sys.argv[0]).name == "rledit"
         else shlex.join(sys.argv),
         "protocol_note": ("floor_step_median: one forward+backward with gradients for every weight on the same "
@@ -203,3 +207,12 @@ def _results(spec, editor, model_name, stream, result, setup, floors, total) -> 
         out["curve"] = [{"step": p.step, "n_edits": p.n_edits, **headline_metrics(p.metrics)} for p in result.curve]
     out.update(spec.extra)
     return out
+
+
+def _version_of(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None

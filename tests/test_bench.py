@@ -25,7 +25,8 @@ from rledit.types import EditRequestError
 
 DATA = Path(__file__).parent / "data"
 FIELDS = {"method", "model", "dataset", "data_file", "steps", "batch", "n_edits", "timing", "protocol", "metrics",
-          "unedited", "seconds", "peak_rss_mb", "seed", "version", "command", "metrics_by_protocol"}
+          "unedited", "seconds", "peak_rss_mb", "seed", "version", "command", "metrics_by_protocol", "torch",
+          "transformers", "peft", "started_at", "finished_at"}
 SECONDS = {"setup", "apply_total", "apply_step_median", "floor_step_median", "eval"}
 
 
