@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     which = bench.add_mutually_exclusive_group(required=True)
     which.add_argument("--method", help="method name, or name:checkpoint for a trained editor (rledit:smollm2-135m-zsre)")
     which.add_argument("--methods", help="comma-separated methods (each name or name:checkpoint), same stream")
+    which.add_argument("--hparams", help="an experiment YAML: its model, method, data and experiment sections "
+                                         "define the run (--set overrides them; other options are not used)")
     _add_model_and_data(bench)
     bench.add_argument("--steps", type=int, default=50, help="edit steps T")
     bench.add_argument("--batch", type=int, default=20, help="edits per step B")
@@ -253,10 +255,14 @@ def _bench(args: argparse.Namespace) -> int:
     from rledit.bench_report import markdown_table, write_run
     from rledit.models import load_model
 
-    names = [args.method] if args.method else [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.label and len(names) > 1:
-        raise ValueError("--label names one run; give one method")
-    specs = [_bench_spec(args, name) for name in names]
+    if args.hparams:
+        spec, args.model, args.dtype = _experiment_spec(args)
+        specs, names = [spec], [spec.method]
+    else:
+        names = [args.method] if args.method else [m.strip() for m in args.methods.split(",") if m.strip()]
+        if args.label and len(names) > 1:
+            raise ValueError("--label names one run; give one method")
+        specs = [_bench_spec(args, name) for name in names]
     requests = [check_spec(spec) for spec in specs]  # every error before any work
     loaded = load_model(args.model, dtype=args.dtype)
     summaries = []
@@ -267,7 +273,7 @@ def _bench(args: argparse.Namespace) -> int:
                                         baseline=baseline)
         baseline = result.baseline
         summary["model_revision"] = loaded.revision
-        path = Path(args.out) if args.method else Path(args.out) / f"{_file_name(spec.name)}.json"
+        path = Path(args.out) if not args.methods else Path(args.out) / f"{_file_name(spec.name)}.json"
         write_run(path, summary, result)
         summaries.append(summary)
         print(format_metrics(summary["metrics_by_protocol"], f"{spec.name} -> {path}"))
@@ -284,6 +290,23 @@ def _bench_report(args: argparse.Namespace) -> int:
     print(table.read_text())
     print(f"wrote {table}" + (f" and {plot}" if plot else ""))
     return 0
+
+
+def _experiment_spec(args: argparse.Namespace):
+    """The benchmark an experiment YAML describes, with the model name and dtype to load."""
+    from rledit.bench import BenchSpec
+    from rledit.hparams import load_hparams
+
+    hparams = load_hparams(args.hparams, args.set)
+    data, run, model = hparams.data, hparams.experiment, hparams.model
+    if data.limit is not None and data.limit < run.steps * run.batch:
+        raise ValueError(f"{args.hparams}: data.limit {data.limit} is below experiment.steps x batch = "
+                         f"{run.steps * run.batch}")
+    spec = BenchSpec(method=hparams.method.name, hparams=hparams.method, layers=model.layers, modules=model.modules,
+                     data=data.dataset, split=data.split, steps=run.steps, batch=run.batch, timing=run.timing,
+                     seed=run.seed, eval_every=run.eval_every, protocols=run.protocols, label=args.label,
+                     extra={"hparams_file": str(args.hparams), "hparams_digest": hparams.digest()})
+    return spec, model.name, model.dtype
 
 
 def _bench_spec(args: argparse.Namespace, name: str):

@@ -178,6 +178,17 @@ class Editor:
                 raise
         return editor
 
+    @classmethod
+    def from_hparams(cls, path: str | Path, overrides: Sequence[str] = ()) -> Editor:
+        """An editor as an hparams YAML describes it (its ``model`` and ``method`` sections; ``overrides`` are
+        dotted ``section.key=value`` strings), e.g. ``Editor.from_hparams("hparams/experiments/x.yaml")``."""
+        from rledit.hparams import load_hparams
+
+        hparams = load_hparams(path, overrides)
+        model = hparams.model
+        return cls.from_pretrained(model.name, method=hparams.method.name, hparams=hparams.method,
+                                   layers=model.layers, modules=model.modules, dtype=model.dtype, device=model.device)
+
     # ------------------------------------------------------------------------------------------ editing
     def apply(self, edits: EditRequest | Mapping | Sequence[EditRequest | Mapping]) -> EditStep:
         """Apply one batch of edits as one step; returns its :class:`EditStep` handle.

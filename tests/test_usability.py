@@ -212,3 +212,33 @@ def test_cli_version_list_and_help_with_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--dtype", "float64", "--out", "x.json"])
     assert "invalid choice: 'float64'" in capsys.readouterr().err
+
+
+def test_an_experiment_yaml_drives_bench_and_from_hparams(tmp_path):
+    from rledit.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    config = tmp_path / "experiment.yaml"
+    config.write_text(f"""defaults:
+  method: methods/rledit.yaml
+model:
+  name: {folder}
+  layers: [2, 3]
+data:
+  dataset: zsre
+  split: eval
+experiment:
+  steps: 2
+  batch: 3
+  seed: 5
+  protocols: [zsre-token-acc@2]
+""")
+    assert main(["bench", "--hparams", str(config), "--set", "experiment.batch=2", "--out",
+                 str(tmp_path / "run.json")]) == 0
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert (summary["steps"], summary["batch"], summary["seed"], summary["protocol"]) == (2, 2, 5, "zsre-token-acc@2")
+    assert summary["hparams_file"] == str(config) and summary["edited_modules"][0] == "model.layers.2.mlp.gate_proj"
+    editor = Editor.from_hparams(config, ["method.rank=8"])
+    assert editor.method.hparams.rank == 8 and sorted({t.layer for t in editor.targets}) == [2, 3]
