@@ -21,6 +21,8 @@ _LAZY = {
     "evaluate": "rledit.eval",
     "run_lifelong": "rledit.eval",
     "available_methods": "rledit.methods",
+    "register_architecture": "rledit.targets",
+    "ArchitectureSpec": "rledit.targets",
 }
 
 __all__ = [  # noqa: PLE0604 (the lazy names are strings)

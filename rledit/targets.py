@@ -9,12 +9,15 @@ orientation themselves.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+_log = logging.getLogger("rledit")
 
 
 class TargetError(ValueError):
@@ -119,14 +122,41 @@ def model_type_of(model: nn.Module) -> str:
     return getattr(config, "model_type", "")
 
 
+def register_architecture(model_type: str, spec: ArchitectureSpec) -> None:
+    """Teach rledit where a model family keeps its MLP linear layers, e.g. for a custom model::
+
+        register_architecture("mymodel", ArchitectureSpec(layer_pattern=r"(?:^|\\.)blocks\\.(\\d+)$",
+                                                          mlp_modules=("w_in", "w_out"), mlp_path="ffn",
+                                                          default_modules=("w_in",)))
+
+    Registering a model type again replaces its spec."""
+    if not isinstance(spec, ArchitectureSpec):
+        raise TypeError(f"spec must be an ArchitectureSpec, got {type(spec).__name__}")
+    ARCHITECTURES[model_type] = spec
+
+
 def architecture_of(model: nn.Module) -> ArchitectureSpec:
-    """The :class:`ArchitectureSpec` for ``model``, or an error listing the supported model types."""
+    """The :class:`ArchitectureSpec` for ``model``: a registered model type, or a Llama-shaped MLP found in the
+    model (``layers.N.mlp.{gate,up,down}_proj``, as Qwen3 or OLMo-2 have); otherwise an error that says why."""
     model_type = model_type_of(model)
-    if model_type not in ARCHITECTURES:
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    names = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()
+             if re.search(r"(?:^|\.)layers\.\d+\.mlp\.\w+$", name)}
+    if "gate_up_proj" in names:
         raise TargetError(
-            f"model_type {model_type!r} is not supported; supported model types: {sorted(ARCHITECTURES)}"
+            f"model_type {model_type!r} fuses its MLP's gate and up projections into one gate_up_proj (Phi-3 "
+            "style), which rledit cannot edit as two modules; register_architecture with the modules it has "
+            "(e.g. down_proj) to edit those"
         )
-    return ARCHITECTURES[model_type]
+    if all(isinstance(names.get(m), nn.Linear) for m in _LLAMA_LIKE.mlp_modules):
+        _log.info("model_type %r is not registered; its MLP is Llama-shaped (gate_proj/up_proj/down_proj): "
+                  "edited as a Llama", model_type)
+        return _LLAMA_LIKE
+    raise TargetError(
+        f"model_type {model_type!r} is not supported and has no Llama-shaped MLP; supported model types: "
+        f"{sorted(ARCHITECTURES)} (or register_architecture)"
+    )
 
 
 def find_blocks(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:

@@ -242,3 +242,44 @@ experiment:
     assert summary["hparams_file"] == str(config) and summary["edited_modules"][0] == "model.layers.2.mlp.gate_proj"
     editor = Editor.from_hparams(config, ["method.rank=8"])
     assert editor.method.hparams.rank == 8 and sorted({t.layer for t in editor.targets}) == [2, 3]
+
+
+def _tiny(config_class, **extra):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=2, vocab_size=600, max_position_embeddings=64, pad_token_id=2,
+                          bos_token_id=0, eos_token_id=0, **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_llama_shaped_models_are_detected_fused_mlps_refused_and_others_registered(tokenizer, caplog):
+    import logging
+
+    import pytest
+    from transformers import Olmo2Config, Phi3Config, Qwen3Config
+
+    from rledit import ArchitectureSpec, register_architecture
+    from rledit.targets import ARCHITECTURES, TargetError, resolve_targets
+
+    caplog.set_level(logging.INFO, logger="rledit")
+    for config_class, model_type in ((Qwen3Config, "qwen3"), (Olmo2Config, "olmo2")):
+        assert model_type not in ARCHITECTURES
+        model = _tiny(config_class)
+        editor = Editor.from_pretrained(model, tokenizer=tokenizer, layers=[1])
+        assert [t.name for t in editor.targets] == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+        editor.apply({"prompt": "The capital of France is", "target_new": "Rome"})
+        assert any(f"model_type '{model_type}' is not registered; its MLP is Llama-shaped" in r.getMessage()
+                   for r in caplog.records)
+    phi3 = _tiny(Phi3Config)
+    with pytest.raises(TargetError, match="fuses its MLP's gate and up projections into one gate_up_proj"):
+        resolve_targets(phi3)
+    register_architecture("phi3", ArchitectureSpec(layer_pattern=r"(?:^|\.)layers\.(\d+)$",
+                                                   mlp_modules=("down_proj",), mlp_path="mlp",
+                                                   default_modules=("down_proj",)))
+    try:
+        assert [t.name for t in resolve_targets(phi3, layers=[0])] == ["model.layers.0.mlp.down_proj"]
+    finally:
+        del ARCHITECTURES["phi3"]
