@@ -52,3 +52,18 @@ bench "${V2[@]}" --methods rledit --set method.memory_init=1.0 method.corpus_ini
   method.corpus=zsre-train-questions method.stats_samples=4000 --label "rledit+memory+C0 (untrained)"
 bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-memory-c0-ep1 \
   --label "rledit:zsre-memory-c0-ep1 (1 episode of 50 x 20)"
+# the shipped editor with its scalars re-set for the memory solve (chosen on benchmarks/results/sweeps/retune/)
+MEMORY='{"memory_init": 1.0, "corpus_init": 1000.0, "corpus": "zsre-train-questions", "stats_samples": 4000'
+.venv/bin/python benchmarks/retune_scalars.py --checkpoint smollm2-135m-zsre --setting "$MEMORY, \"scale\": {\"lr\": 3}}" \
+  --chosen-on benchmarks/results/sweeps/retune --out benchmarks/results/training/zsre-retuned-lr3
+bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-lr3 \
+  --label "rledit:zsre-retuned-lr3 (shipped editor, beta 1, alpha 1e3, lr x3)"
+.venv/bin/python benchmarks/retune_scalars.py --checkpoint smollm2-135m-zsre \
+  --setting "$MEMORY, \"scale\": {\"ridge\": 0.1, \"alpha\": 0.1, \"beta\": 0.1}}" \
+  --chosen-on benchmarks/results/sweeps/retune --out benchmarks/results/training/zsre-retuned-fit
+bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-fit \
+  --label "rledit:zsre-retuned-fit (shipped editor, beta 0.1, alpha 100, ridge x0.1)"
+
+# CounterFact 50 x 20: the shipped CounterFact editor with the memory solve
+bench "${CF[@]}" --methods rledit:smollm2-135m-counterfact --set method.memory_init=1.0 \
+  --label "rledit:smollm2-135m-counterfact + memory (beta 1)"
