@@ -276,8 +276,8 @@ def _bench(args: argparse.Namespace) -> int:
         path = Path(args.out) if not args.methods else Path(args.out) / f"{_file_name(spec.name)}.json"
         write_run(path, summary, result)
         summaries.append(summary)
-        print(format_metrics(summary["metrics_by_protocol"], f"{spec.name} -> {path}"))
-    print("\n" + markdown_table(summaries))
+        print(f"{spec.name} -> {path}")
+    print("\n" + markdown_table(summaries))  # one table of every run just made
     if args.methods:  # the folder's table covers these runs and any earlier ones on the same stream
         _bench_report(argparse.Namespace(folder=args.out))
     return 0

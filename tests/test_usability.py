@@ -283,3 +283,15 @@ def test_llama_shaped_models_are_detected_fused_mlps_refused_and_others_register
         assert [t.name for t in resolve_targets(phi3, layers=[0])] == ["model.layers.0.mlp.down_proj"]
     finally:
         del ARCHITECTURES["phi3"]
+
+
+def test_bench_prints_one_results_table(tmp_path, capsys):
+    from rledit.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    assert main(["bench", "--method", "rledit", "--model", str(folder), "--data", "zsre", "--steps", "1", "--batch",
+                 "2", "--layers", "2", "3", "--protocols", "zsre-token-acc@2", "--out", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| method |") == 1 and f"-> {tmp_path / 'b.json'}" in out
