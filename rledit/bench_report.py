@@ -154,6 +154,36 @@ def plot_curves(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path |
     return path
 
 
+def plot_end_metrics(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """Grouped bars of the headline metrics at the end of each run (the unedited model first); None if no run."""
+    if not summaries:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = headline_metrics(summaries)[:4]
+    rows = [("unedited", summaries[0].get("unedited", {}))] + [(s["name"], s["metrics"]) for s in summaries]
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(metrics)), 3.6))
+    for i, (name, values) in enumerate(rows):
+        xs = [m + (i - (len(rows) - 1) / 2) * width for m in range(len(metrics))]
+        ax.bar(xs, [values.get(metric, 0.0) for metric in metrics], width, label=name,
+               color="0.75" if i == 0 else None)
+    ax.set_xticks(range(len(metrics)), metrics)
+    ax.set_ylim(0, 103)
+    ax.set_ylabel(f"{summaries[0]['protocol']} (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"{summaries[0]['model']} on {summaries[0]['dataset']}: after {summaries[0]['n_edits']} edits",
+                 fontsize=9)
+    ax.legend(fontsize=6, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path = save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 STREAM_KEYS = ("model", "dataset", "split", "steps", "batch", "seed", "timing", "protocol")
 ROW_ORDER = ("rledit", "malmen", "mend", "ultraedit", "memit", "alphaedit", "ft")
 
@@ -206,7 +236,7 @@ def load_runs(directory: str | Path) -> list[dict[str, Any]]:
 
 def write_report(directory: str | Path) -> tuple[Path, Path | None]:
     """``table.md`` (quality by the headline protocol, then by any other, then speed) and ``curves.png`` of every
-    run in ``directory`` (see :func:`load_runs`).
+    run in ``directory`` (see :func:`load_runs`), or ``metrics.png`` (bars at the end) when no run has a curve.
 
     Several ``rledit bench --methods`` processes may fill one folder (e.g. one per core); each rewrites these
     two files over everything the folder holds so far, and ``rledit bench-report FOLDER`` does the same alone.
@@ -217,4 +247,5 @@ def write_report(directory: str | Path) -> tuple[Path, Path | None]:
     others = other_protocol_tables(summaries)
     text = markdown_table(summaries) + (f"\n{others}" if others else "") + "\nSpeed:\n\n" + speed_table(summaries)
     write_text_atomically(table, text)
-    return table, plot_curves(summaries, directory / "curves.png")
+    return table, plot_curves(summaries, directory / "curves.png") or plot_end_metrics(summaries,
+                                                                                   directory / "metrics.png")

@@ -295,3 +295,16 @@ def test_bench_prints_one_results_table(tmp_path, capsys):
                  "2", "--layers", "2", "3", "--protocols", "zsre-token-acc@2", "--out", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
     assert out.count("| method |") == 1 and f"-> {tmp_path / 'b.json'}" in out
+
+
+def test_a_folder_of_end_timing_runs_gets_a_bar_chart(tmp_path):
+    from rledit.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    assert main(["bench", "--methods", "rledit,ultraedit", "--model", str(folder), "--data", "zsre", "--steps", "1",
+                 "--batch", "2", "--layers", "2", "3", "--protocols", "zsre-token-acc@2", "--out",
+                 str(tmp_path / "runs")]) == 0
+    chart = tmp_path / "runs" / "metrics.png"
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "runs" / "curves.png").exists()
