@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="score a model (unedited, or edited with --editor) under every "
                                            "applicable protocol")
     _add_model_and_data(evaluate)
-    evaluate.add_argument("--editor", default=None, help="score this saved edited model (rledit edit --out) instead")
+    edited = evaluate.add_mutually_exclusive_group()
+    edited.add_argument("--editor", default=None, help="score this saved edited model (rledit edit --out) instead")
+    edited.add_argument("--adapter", default=None, help="score --model with this peft adapter (e.g. from "
+                                                        "rledit edit --export-peft); locality against --model alone")
     evaluate.add_argument("--protocols", nargs="*", default=None, help="protocol ids (default: all applicable)")
     evaluate.add_argument("--out", required=True, help="summary JSON path (per-example records go beside it)")
     evaluate.set_defaults(handler=_eval)
@@ -238,6 +241,19 @@ def _eval(args: argparse.Namespace) -> int:
         meta = {"model": editor.model_name, "editor": str(Path(args.editor).resolve()), "seed": None,
                 "edit_steps": [s.to_dict() for s in editor.steps], "data": data}
         what = f"{editor.model_name} edited by {args.editor} ({len(editor.steps)} steps)"
+    elif args.adapter:
+        from peft import PeftModel
+
+        from rledit.eval import compute_references
+
+        loaded = load_model(args.model, dtype=args.dtype)
+        references = compute_references(loaded.model, loaded.tokenizer, requests, args.protocols, args.batch_size)
+        adapted = PeftModel.from_pretrained(loaded.model, args.adapter)
+        result = evaluate(adapted, loaded.tokenizer, requests, protocols=args.protocols, references=references,
+                          batch_size=args.batch_size)
+        meta = {"model": loaded.name, "model_revision": loaded.revision, "seed": None, "data": data,
+                "editor": f"peft adapter {Path(args.adapter).resolve()}"}
+        what = f"{loaded.name} with the adapter {args.adapter}"
     else:
         loaded = load_model(args.model, dtype=args.dtype)
         result = evaluate(loaded.model, loaded.tokenizer, requests, protocols=args.protocols,

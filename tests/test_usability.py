@@ -175,6 +175,12 @@ def test_cli_edit_generate_and_eval_an_edited_model_from_a_facts_file(tmp_path, 
     summary = json.loads((tmp_path / "scores.json").read_text())
     assert summary["editor"] == str(out.resolve()) and summary["timing"] == "edited" and summary["unedited"] is None
     assert [s["n_edits"] for s in summary["edit_steps"]] == [1, 1] and summary["metrics"]
+    assert main(["eval", "--model", str(folder), "--adapter", str(tmp_path / "adapter"), "--data", str(facts),
+                 "--out", str(tmp_path / "adapter.json")]) == 0
+    through_peft = json.loads((tmp_path / "adapter.json").read_text())
+    for protocol, metrics in summary["metrics"].items():  # the adapter scores as the rledit save does
+        for metric, value in metrics.items():
+            assert abs(through_peft["metrics"][protocol][metric] - value) < 1e-6, (protocol, metric)
 
 
 def test_defaults_are_said_not_silent(tokenizer, caplog):
