@@ -67,3 +67,8 @@ bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-fit \
 # CounterFact 50 x 20: the shipped CounterFact editor with the memory solve
 bench "${CF[@]}" --methods rledit:smollm2-135m-counterfact --set method.memory_init=1.0 \
   --label "rledit:smollm2-135m-counterfact + memory (beta 1)"
+.venv/bin/python benchmarks/retune_scalars.py --checkpoint smollm2-135m-counterfact \
+  --setting '{"memory_init": 1.0, "scale": {"ridge": 0.1, "beta": 0.1}}' \
+  --chosen-on benchmarks/results/sweeps/retune --out benchmarks/results/training/counterfact-retuned-fit
+bench "${CF[@]}" --methods rledit:benchmarks/results/training/counterfact-retuned-fit \
+  --label "rledit:counterfact-retuned-fit (memory beta 0.1, ridge x0.1)"
