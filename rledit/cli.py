@@ -406,22 +406,19 @@ def _demo(args: argparse.Namespace) -> int:
 def demo_table(requests, before, after, greedy) -> str:
     """Per edit: the new target and the model's greedy text before and after (``Editor.compare`` rows); then
     the teacher-forced metrics before and after."""
+    from rledit.editor import shorten
+
     protocol = before.protocols[0]
     rows = [f"{'prompt':<52} {'new target':<18} {'before (greedy)':<18} {'after (greedy)':<18}"]
     for request, text in zip(requests, greedy):
-        rows.append(f"{_cut(request.prompt, 52):<52} {_cut(request.target_new, 18):<18} "
-                    f"{_cut(text['unedited'], 18):<18} {_cut(text['edited'], 18):<18}")
+        rows.append(f"{shorten(request.prompt, 52):<52} {shorten(request.target_new, 18):<18} "
+                    f"{shorten(text['unedited'], 18):<18} {shorten(text['edited'], 18):<18}")
     rows.append("")
     rows.append(f"{'metric (' + protocol + ', teacher-forced, %)':<40} {'before':>8} {'after':>8}")
     for metric in ("efficacy", "generalization", "locality", "specificity"):
         if metric in before.metrics[protocol]:
             rows.append(f"{metric:<40} {before.metrics[protocol][metric]:8.1f} {after.metrics[protocol][metric]:8.1f}")
     return "\n".join(rows)
-
-
-def _cut(text: str, width: int) -> str:
-    text = text.strip().replace("\n", " ")
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 if __name__ == "__main__":

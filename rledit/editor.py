@@ -524,12 +524,15 @@ def _portable_model_name(name: str) -> str:
     return str(path.resolve()) if name and (path / "config.json").is_file() else name
 
 
+def shorten(text: str, width: int) -> str:
+    """``text`` on one line (whitespace runs become one space), cut to ``width`` characters with "…"."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def comparison_table(rows: Sequence[Mapping[str, str]], width: int = 40) -> str:
     """A plain-text table of :meth:`Editor.compare` rows (greedy text of the unedited and edited model)."""
-    def cut(text: str) -> str:
-        text = " ".join(text.split())
-        return text if len(text) <= width else text[: width - 1] + "…"
-
     lines = [f"{'prompt':<{width}}  {'unedited (greedy)':<{width}}  {'edited (greedy)':<{width}}"]
-    lines += [f"{cut(r['prompt']):<{width}}  {cut(r['unedited']):<{width}}  {cut(r['edited']):<{width}}" for r in rows]
+    lines += [f"{shorten(r['prompt'], width):<{width}}  {shorten(r['unedited'], width):<{width}}  "
+              f"{shorten(r['edited'], width):<{width}}" for r in rows]
     return "\n".join(lines)

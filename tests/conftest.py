@@ -26,5 +26,14 @@ def any_model(request):
 
 
 @pytest.fixture
+def tiny_folder(tmp_path):
+    """A tiny Llama saved as a Hugging Face folder, so the CLI and loaders read it like any local model."""
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
 def llama():
     return tiny_model("llama")

@@ -7,18 +7,8 @@ from pathlib import Path
 import pytest
 
 from rledit.cli import main
-from tests.tiny import tiny_model, tiny_tokenizer
 
 DATA = Path(__file__).parent / "data"
-
-
-@pytest.fixture
-def tiny_folder(tmp_path):
-    """A tiny Llama saved as a Hugging Face folder, so the CLI loads it like any local model."""
-    folder = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_eval_writes_summary_with_every_metric(tiny_folder, tmp_path, capsys):

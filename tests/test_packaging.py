@@ -9,7 +9,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from tiny import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,11 +41,9 @@ def test_the_wheel_carries_the_bundled_data_hparams_and_editors(installed):
         assert needed in names, needed
 
 
-def test_the_installed_wheel_evaluates_and_benches_outside_the_checkout(installed, tmp_path):
+def test_the_installed_wheel_evaluates_and_benches_outside_the_checkout(installed, tmp_path, tiny_folder):
     _, site = installed
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    folder = tiny_folder
     where = _run(site, tmp_path, "-c", "import rledit, rledit.data as d, rledit.hparams as h; "
                                        "print(rledit.__file__, d.data_dir(), h.HPARAMS_DIR)")
     assert where.returncode == 0, where.stderr

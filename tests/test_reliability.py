@@ -323,15 +323,10 @@ def _episodes(out):
     return [r["episode"] for r in log if r["kind"] == "episode"]
 
 
-def test_train_resume_checks_that_it_continues_the_same_run(tmp_path, capsys):
-    from tiny import tiny_tokenizer
-
+def test_train_resume_checks_that_it_continues_the_same_run(tmp_path, capsys, tiny_folder):
     from rledit.cli import main
 
-    folder = tmp_path / "tiny"
-    _model().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    config, out = _train_yaml(tmp_path, folder), tmp_path / "run"
+    config, out = _train_yaml(tmp_path, tiny_folder), tmp_path / "run"
     common = ["train", "--hparams", str(config), "--out", str(out), "--limit", "8"]
     assert main(common) == 0
     assert _episodes(out) == [1, 2, 3]  # checkpoints after episodes 2 and 3

@@ -148,14 +148,12 @@ def test_records_in_memory_a_dataset_or_any_iterable_are_accepted(tokenizer):
         editor.apply([{"question": "x", "answer": "y"}])
 
 
-def test_cli_edit_generate_and_eval_an_edited_model_from_a_facts_file(tmp_path, capsys):
+def test_cli_edit_generate_and_eval_an_edited_model_from_a_facts_file(tmp_path, capsys, tiny_folder):
     from transformers import AutoModelForCausalLM
 
     from rledit.cli import main
 
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    folder = tiny_folder
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps(r) + "\n" for r in NATIVE))
     out = tmp_path / "edited"
@@ -220,12 +218,10 @@ def test_cli_version_list_and_help_with_defaults(capsys):
     assert "invalid choice: 'float64'" in capsys.readouterr().err
 
 
-def test_an_experiment_yaml_drives_bench_and_from_hparams(tmp_path):
+def test_an_experiment_yaml_drives_bench_and_from_hparams(tmp_path, tiny_folder):
     from rledit.cli import main
 
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    folder = tiny_folder
     config = tmp_path / "experiment.yaml"
     config.write_text(f"""defaults:
   method: methods/rledit.yaml
@@ -291,24 +287,20 @@ def test_llama_shaped_models_are_detected_fused_mlps_refused_and_others_register
         del ARCHITECTURES["phi3"]
 
 
-def test_bench_prints_one_results_table(tmp_path, capsys):
+def test_bench_prints_one_results_table(tmp_path, capsys, tiny_folder):
     from rledit.cli import main
 
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    folder = tiny_folder
     assert main(["bench", "--method", "rledit", "--model", str(folder), "--data", "zsre", "--steps", "1", "--batch",
                  "2", "--layers", "2", "3", "--protocols", "zsre-token-acc@2", "--out", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
     assert out.count("| method |") == 1 and f"-> {tmp_path / 'b.json'}" in out
 
 
-def test_a_folder_of_end_timing_runs_gets_a_bar_chart(tmp_path):
+def test_a_folder_of_end_timing_runs_gets_a_bar_chart(tmp_path, tiny_folder):
     from rledit.cli import main
 
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    folder = tiny_folder
     assert main(["bench", "--methods", "rledit,ultraedit", "--model", str(folder), "--data", "zsre", "--steps", "1",
                  "--batch", "2", "--layers", "2", "3", "--protocols", "zsre-token-acc@2", "--out",
                  str(tmp_path / "runs")]) == 0
