@@ -28,6 +28,7 @@ import rledit
 from rledit.data import EditStream, dataset_file, load_requests
 from rledit.editor import Editor, method_hparams_dict
 from rledit.eval import LifelongResult, run_lifelong
+from rledit.eval.general import general_probe
 from rledit.files import file_sha256
 from rledit.methods import get_method
 from rledit.targets import architecture_of
@@ -55,6 +56,7 @@ class BenchSpec:
     modules: Sequence[str] | None = None
     label: str | None = None  # the row's name in tables (default: the method, with the checkpoint)
     protocols: Sequence[str] | None = None
+    general: bool = False  # also score general ability (rledit.eval.general) unedited, at the end, on the curve
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -105,14 +107,18 @@ def floor_seconds(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequ
 
 def run_benchmark(model: torch.nn.Module, tokenizer, model_name: str, spec: BenchSpec,
                   requests: Sequence[EditRequest] | None = None, progress: bool = True,
-                  baseline: Any = None) -> tuple[dict[str, Any], LifelongResult]:
+                  baseline: Any = None, general_unedited: dict[str, float] | None = None,
+                  ) -> tuple[dict[str, Any], LifelongResult]:
     """Run one lifelong sequence of ``spec`` on ``model`` (left as it was afterwards).
 
     Returns the summary (a JSON-ready dict) and the full result with its per-example records. ``baseline``:
     the ``.baseline`` of an earlier result on the same stream and protocols, to skip scoring the unedited model
-    again."""
+    again; ``general_unedited``: likewise the unedited model's general-ability scores (``spec.general``)."""
     requests = list(requests) if requests is not None else check_spec(spec)
     stream = EditStream(requests, spec.steps, spec.batch, spec.seed)
+    probe = (lambda: general_probe(model, tokenizer)) if spec.general else None
+    if probe is not None and general_unedited is None:
+        general_unedited = probe()  # before the editor exists: the model is unedited
     modules = spec.modules
     if getattr(get_method(spec.method), "edits_output_projection", False):
         modules = [architecture_of(model).mlp_modules[-1]]
@@ -130,13 +136,24 @@ def run_benchmark(model: torch.nn.Module, tokenizer, model_name: str, spec: Benc
         start = time.perf_counter()
         result = run_lifelong(model, tokenizer, list(stream), apply_step, protocols=spec.protocols,
                               timing=spec.timing, eval_every=spec.eval_every, progress=progress,
-                              baseline=baseline)
+                              baseline=baseline, probe=probe)
         total = time.perf_counter() - start
     finally:
         editor.store.detach()
     summary = _results(spec, editor, model_name, stream, result, setup, floors, total)
     summary["unedited_shared"] = baseline is not None  # scored once by an earlier method on the same stream
+    if probe is not None:
+        summary["general"] = {"unedited": general_unedited, "edited": _without_position(result.general[-1]),
+                              "curve": result.general, "tasks": GENERAL_TASKS}
     return summary, result
+
+
+GENERAL_TASKS = ("sst2_accuracy: zero-shot accuracy (%) on the 872 SST-2 dev sentences; perplexity: on the first "
+                 "500 SST-2 test sentences (rledit.eval.general)")
+
+
+def _without_position(point: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in point.items() if k not in ("step", "n_edits")}
 
 
 def speed(timed: Sequence[float], floors: Sequence[float]) -> dict[str, float]:

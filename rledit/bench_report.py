@@ -105,6 +105,21 @@ def other_protocol_tables(summaries: Sequence[dict[str, Any]]) -> str:
     return "\n".join(blocks)
 
 
+def general_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """General ability (``rledit bench --general``) of the unedited model and of each run after its last step;
+    empty when no run was probed."""
+    probed = [s for s in summaries if s.get("general")]
+    if not probed:
+        return ""
+    lines = [f"General ability ({probed[0]['general']['tasks']}):", "",
+             "| method | SST-2 accuracy | perplexity |", "|---|---:|---:|"]
+    unedited = probed[0]["general"]["unedited"]
+    lines.append(f"| unedited | {unedited['sst2_accuracy']:.1f} | {unedited['perplexity']:.1f} |")
+    lines += [f"| {s['name']} | {s['general']['edited']['sst2_accuracy']:.1f} | "
+              f"{s['general']['edited']['perplexity']:.1f} |" for s in probed]
+    return "\n".join(lines) + "\n"
+
+
 def speed_table(summaries: Sequence[dict[str, Any]]) -> str:
     """Per run: median apply and floor seconds per step and their ratio, the median of the first and last five
     steps (drift of the apply cost along the sequence), seconds per edit, set-up, statistics and peak RSS."""
@@ -244,8 +259,9 @@ def write_report(directory: str | Path) -> tuple[Path, Path | None]:
     directory = Path(directory)
     summaries = load_runs(directory)
     table = directory / "table.md"
-    others = other_protocol_tables(summaries)
-    text = markdown_table(summaries) + (f"\n{others}" if others else "") + "\nSpeed:\n\n" + speed_table(summaries)
+    others, general = other_protocol_tables(summaries), general_table(summaries)
+    text = (markdown_table(summaries) + (f"\n{others}" if others else "") + (f"\n{general}" if general else "")
+            + "\nSpeed:\n\n" + speed_table(summaries))
     write_text_atomically(table, text)
     return table, plot_curves(summaries, directory / "curves.png") or plot_end_metrics(summaries,
                                                                                    directory / "metrics.png")

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", type=int, nargs="*", default=None,
                        help="edited layers of methods without a checkpoint (default: hparams/models/<model>.yaml)")
     bench.add_argument("--protocols", nargs="*", default=None, help="protocol ids (default: all applicable)")
+    bench.add_argument("--general", action="store_true",
+                       help="also score general ability (SST-2 zero-shot accuracy, perplexity on held-out text) "
+                            "unedited, after the last step and at every curve point; ~5 min per probe on one core")
     bench.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="method hparams overrides, e.g. method.lr_init=1.0; with a trained editor only its "
                             "top-level keys, e.g. method.memory_init=1.0")
@@ -279,15 +282,17 @@ def _bench(args: argparse.Namespace) -> int:
         if args.label and len(names) > 1:
             raise ValueError("--label names one run; give one method")
         specs = [_bench_spec(args, name) for name in names]
+    for spec in specs:
+        spec.general = args.general
     requests = [check_spec(spec) for spec in specs]  # every error before any work
     loaded = load_model(args.model, dtype=args.dtype)
     summaries = []
-    baseline = None  # the unedited scores, shared by every method on the same stream
+    baseline = general = None  # the unedited scores, shared by every method on the same stream
     for spec, spec_requests in zip(specs, requests):
         print(f"== {spec.name}: {spec.steps} x {spec.batch} {spec.data} edits, timing {spec.timing}")
         summary, result = run_benchmark(loaded.model, loaded.tokenizer, loaded.name, spec, spec_requests,
-                                        baseline=baseline)
-        baseline = result.baseline
+                                        baseline=baseline, general_unedited=general)
+        baseline, general = result.baseline, summary.get("general", {}).get("unedited")
         summary["model_revision"] = loaded.revision
         path = Path(args.out) if not args.methods else Path(args.out) / f"{_file_name(spec.name)}.json"
         write_run(path, summary, result)

@@ -102,6 +102,7 @@ class LifelongResult:
     started_at: str
     finished_at: str
     references: Any = None  # the unedited model's locality references (rledit.eval.References)
+    general: list[dict[str, Any]] = field(default_factory=list)  # probe scores: {"step", "n_edits", ...}
 
     @property
     def n_examples(self) -> int:

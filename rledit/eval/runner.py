@@ -72,6 +72,7 @@ def run_lifelong(
     batch_size: int = 32,
     progress: bool = True,
     baseline: tuple[References, EvalResult] | None = None,
+    probe: Callable[[], dict] | None = None,
 ) -> LifelongResult:
     """Apply ``steps`` of edits one after another with ``apply_step`` and score them under ``timing``.
 
@@ -79,6 +80,9 @@ def run_lifelong(
     wall time is recorded per step. Before the first step the unedited model's references and its scores on
     every edit (the floor) are computed, unless ``baseline`` gives both from an earlier run on the same
     steps and protocols (:attr:`LifelongResult.baseline`), which is how several methods share them.
+
+    ``probe()`` (e.g. :func:`rledit.eval.general.general_probe` bound to the model) scores the model's general
+    ability after the last step and, with timing ``curve``, at every curve point (``LifelongResult.general``).
     """
     if timing not in TIMINGS:
         raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
@@ -111,6 +115,7 @@ def run_lifelong(
     records: list[ExampleRecord] = []
     curve: list[CurvePoint] = []
     seconds: list[float] = []
+    general: list[dict] = []
     applied = 0
     for t, step in enumerate(tqdm(steps, desc=f"editing ({timing})", unit="step", disable=not progress), start=1):
         seconds.append(_timed(model, apply_step, list(step)))
@@ -121,6 +126,8 @@ def run_lifelong(
             point = score(range(applied), t)
             records += point
             curve.append(CurvePoint(t, applied, *summarize(point, ids)))
+        if probe is not None and (t == len(steps) or (timing == "curve" and t % eval_every == 0)):
+            general.append({"step": t, "n_edits": applied, **probe()})
     if timing == "end":
         records = score(range(len(requests)), len(steps))
     metrics, counts = (curve[-1].metrics, curve[-1].counts) if curve else summarize(records, ids)
@@ -128,7 +135,7 @@ def run_lifelong(
         timing=timing, protocols=ids, metrics=metrics, counts=counts, unedited=unedited, records=records,
         step_seconds=seconds, edits_per_step=[len(s) for s in steps], curve=curve,
         eval_every=eval_every if timing == "curve" else None, started_at=started, finished_at=utc_now(),
-        references=references,
+        references=references, general=general,
     )
 
 

@@ -135,6 +135,10 @@ class RLEditHparams:
             statistics MEMIT/AlphaEdit use, computed once and cached); 0 (default) leaves C_0 out.
         corpus: the text C_0 is estimated on (see MEMIT's ``corpus``); used only when corpus_init > 0.
         stats_samples: how many corpus texts C_0 is estimated on.
+        passes: edit passes per step at edit time (ALGORITHM.md §4c). Pass 1 is the update above; each further
+            pass captures the step's features again on the model with the passes so far applied and adds the
+            update of what is still missing, through the same solve (rank ≤ passes·N). 1 (default) is the
+            published single-pass editor; training always uses one pass.
     """
 
     name: str = "rledit"
@@ -147,6 +151,7 @@ class RLEditHparams:
     corpus_init: float = 0.0
     corpus: str = "sst2"
     stats_samples: int = 2000
+    passes: int = 1
     train: TrainHparams = field(default_factory=TrainHparams)
 
     def __post_init__(self) -> None:
@@ -157,6 +162,7 @@ class RLEditHparams:
         _require(self.lr_init > 0, f"lr_init must be > 0 (it is learned on a log scale), got {self.lr_init}")
         for name in ("memory_init", "corpus_init"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0 (0 turns the term off), got {getattr(self, name)}")
+        _require(self.passes >= 1, f"passes must be >= 1, got {self.passes}")
         _require(self.stats_samples >= 1, f"stats_samples must be >= 1, got {self.stats_samples}")
         _require(
             self.normalizer in NORMALIZER_MODES,

@@ -23,11 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from rledit.hooks import capture_features
 from rledit.methods.base import EditMethod, StepFeaturesLike, UpdateError, check_updates, register_method
 from rledit.methods.memory import KeyMemory, split_memory_state
 from rledit.methods.rledit.config import MALMENHparams, RLEditHparams
 from rledit.methods.rledit.net import HyperNetwork
+from rledit.methods.runtime import temporary_store
 from rledit.targets import EditTarget
+from rledit.tokens import context_length, encode
+from rledit.types import EditRequest
 
 
 def value_shifts(keys: torch.Tensor, edited_keys: torch.Tensor, edited_grads: torch.Tensor,
@@ -203,6 +207,30 @@ class RLEditMethod(EditMethod):
             raise
         if self.memory is not None:
             self.memory.stage(features.keys)
+        return updates
+
+    def compute_step(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget],
+                     requests: Sequence[EditRequest], features: StepFeaturesLike | None) -> dict[str, Any]:
+        """One edit step in ``hparams.passes`` passes (ALGORITHM.md §4c): the update from the step's features,
+        then, per further pass, the update computed from the features captured again with the passes so far
+        applied, appended to the factors (ΔW = Σ_p U_p V_p). Later passes leave the normaliser's statistics
+        alone, and the key memory keeps the first pass's keys (one step, one entry)."""
+        updates = super().compute_step(model, tokenizer, targets, requests, features)
+        passes = getattr(self.hparams, "passes", 1)
+        if passes == 1:
+            return updates
+        staged = self.memory.staged if self.memory is not None else None
+        batch = encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
+                       max_length=context_length(model))
+        with temporary_store(model, targets) as store:
+            for _ in range(passes - 1):
+                with store.pending(updates):
+                    more = self.compute_updates(capture_features(model, targets, batch), targets,
+                                                update_stats=False)
+                updates = {name: (torch.cat([u, more[name][0]], 1), torch.cat([v, more[name][1]], 0))
+                           for name, (u, v) in updates.items()}
+        if self.memory is not None:
+            self.memory.staged = staged
         return updates
 
     def state_dict(self) -> dict[str, torch.Tensor]:
