@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import rledit
+from rledit.chat import chat_framing
 from rledit.data import EditStream, dataset_file, load_requests
 from rledit.editor import Editor, method_hparams_dict
 from rledit.eval import LifelongResult, run_lifelong
@@ -184,6 +185,7 @@ def _results(spec, editor, model_name, stream, result, setup, floors, total) -> 
         "checkpoint": spec.checkpoint,
         "method_hparams": method_hparams_dict(editor.method),
         "edited_modules": [t.name for t in editor.targets],
+        "chat_template": chat_framing(editor.tokenizer) is not None,
         "method_setup": editor.method.setup_report(),
         "model": model_name,
         "dataset": kind,

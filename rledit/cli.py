@@ -152,6 +152,24 @@ def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N records")
     parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the model's weights")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per scoring batch")
+    add_chat_template_flag(parser)
+
+
+def add_chat_template_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chat-template", action="store_true",
+                        help="prompt the model through its tokenizer's chat template (default: raw prompts, as "
+                             "the published protocols)")
+
+
+def _loaded(args: argparse.Namespace):
+    """The model of ``--model``/``--dtype``, its tokenizer in chat framing when ``--chat-template``."""
+    from rledit.chat import use_chat_template
+    from rledit.models import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype)
+    if getattr(args, "chat_template", False):
+        use_chat_template(loaded.tokenizer)
+    return loaded
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -230,7 +248,6 @@ def _eval(args: argparse.Namespace) -> int:
     from rledit.data import dataset_file, load_requests
     from rledit.eval import evaluate, write_results
     from rledit.files import file_sha256
-    from rledit.models import load_model
 
     requests = load_requests(args.data, args.split, limit=args.limit)
     data_file = dataset_file(args.data, args.split)
@@ -240,6 +257,10 @@ def _eval(args: argparse.Namespace) -> int:
         from rledit.editor import Editor
 
         editor = Editor.load(args.editor, dtype=args.dtype)
+        if args.chat_template:
+            from rledit.chat import use_chat_template
+
+            use_chat_template(editor.tokenizer)
         result = editor.evaluate(requests, args.protocols, batch_size=args.batch_size)
         meta = {"model": editor.model_name, "editor": str(Path(args.editor).resolve()), "seed": None,
                 "edit_steps": [s.to_dict() for s in editor.steps], "data": data}
@@ -249,7 +270,7 @@ def _eval(args: argparse.Namespace) -> int:
 
         from rledit.eval import compute_references
 
-        loaded = load_model(args.model, dtype=args.dtype)
+        loaded = _loaded(args)
         references = compute_references(loaded.model, loaded.tokenizer, requests, args.protocols, args.batch_size)
         adapted = PeftModel.from_pretrained(loaded.model, args.adapter)
         result = evaluate(adapted, loaded.tokenizer, requests, protocols=args.protocols, references=references,
@@ -258,12 +279,13 @@ def _eval(args: argparse.Namespace) -> int:
                 "editor": f"peft adapter {Path(args.adapter).resolve()}"}
         what = f"{loaded.name} with the adapter {args.adapter}"
     else:
-        loaded = load_model(args.model, dtype=args.dtype)
+        loaded = _loaded(args)
         result = evaluate(loaded.model, loaded.tokenizer, requests, protocols=args.protocols,
                           batch_size=args.batch_size)
         meta = {"model": loaded.name, "model_revision": loaded.revision, "seed": None, "data": data}
         what = f"unedited {loaded.name}"
-    summary, records = write_results(args.out, result, meta)
+    tokenizer = editor.tokenizer if args.editor else loaded.tokenizer
+    summary, records = write_results(args.out, result, meta | {"chat_template": _framed(tokenizer)})
     print(format_metrics(result.metrics, f"{what} on {len(requests)} {args.data} records"))
     print(f"summary: {summary}\nper-example records: {records}")
     return 0
@@ -272,7 +294,6 @@ def _eval(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from rledit.bench import check_spec, run_benchmark
     from rledit.bench_report import markdown_table, write_run
-    from rledit.models import load_model
 
     if args.hparams:
         spec, args.model, args.dtype = _experiment_spec(args)
@@ -285,7 +306,7 @@ def _bench(args: argparse.Namespace) -> int:
     for spec in specs:
         spec.general = args.general
     requests = [check_spec(spec) for spec in specs]  # every error before any work
-    loaded = load_model(args.model, dtype=args.dtype)
+    loaded = _loaded(args)
     summaries = []
     baseline = general = None  # the unedited scores, shared by every method on the same stream
     for spec, spec_requests in zip(specs, requests):
@@ -302,6 +323,12 @@ def _bench(args: argparse.Namespace) -> int:
     if args.methods:  # the folder's table covers these runs and any earlier ones on the same stream
         _bench_report(argparse.Namespace(folder=args.out))
     return 0
+
+
+def _framed(tokenizer) -> bool:
+    from rledit.chat import chat_framing
+
+    return chat_framing(tokenizer) is not None
 
 
 def _bench_report(args: argparse.Namespace) -> int:

@@ -16,6 +16,8 @@ DEFAULT_EDITORS = {("smollm2-135m", "rledit"): "smollm2-135m-zsre"}  # the shipp
 
 def add_edit_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the ``edit`` and ``generate`` subcommands to the ``rledit`` parser."""
+    from rledit.cli import add_chat_template_flag
+
     edit = sub.add_parser("edit", help="apply your own facts from a file; save the edited model")
     edit.add_argument("--data", required=True, help="facts file (.json/.jsonl[.gz], any known record format)")
     edit.add_argument("--model", default="smollm2-135m", help="hub id, local folder or alias")
@@ -28,6 +30,7 @@ def add_edit_parsers(sub: argparse._SubParsersAction) -> None:
                       help="also write a plain Hugging Face model with the edits merged")
     edit.add_argument("--export-peft", default=None, metavar="DIR", help="also write the edits as a peft LoRA adapter")
     edit.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens shown per edited prompt")
+    add_chat_template_flag(edit)
     edit.set_defaults(handler=_edit)
 
     generate = sub.add_parser("generate", help="greedy text of an edited (or any) model")
@@ -37,6 +40,7 @@ def add_edit_parsers(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     generate.add_argument("--max-new-tokens", type=int, default=20)
     generate.add_argument("--compare", action="store_true", help="with --editor: the unedited text beside it")
+    add_chat_template_flag(generate)
     generate.set_defaults(handler=_generate)
 
 
@@ -51,7 +55,8 @@ def _edit(args: argparse.Namespace) -> int:
     print(f"editing {args.model} with {args.method}"
           + (f" (trained editor {checkpoint})" if checkpoint else " (no trained editor: untrained hypernetwork)"
              if args.method in ("rledit", "malmen", "mend") else ""))
-    editor = Editor.from_pretrained(args.model, method=args.method, checkpoint=checkpoint)
+    editor = Editor.from_pretrained(args.model, method=args.method, checkpoint=checkpoint,
+                                    chat_template=args.chat_template or None)
     size = args.step_size or len(requests)
     for start in range(0, len(requests), size):
         step = editor.apply(requests[start:start + size])
@@ -75,6 +80,10 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("--compare needs --editor (an edited model to compare with its unedited one)")
     if args.editor:
         editor = Editor.load(args.editor)
+        if args.chat_template:
+            from rledit.chat import use_chat_template
+
+            use_chat_template(editor.tokenizer)
         if args.compare:
             print(comparison_table(editor.compare(args.prompt, args.max_new_tokens)))
             return 0
@@ -84,6 +93,10 @@ def _generate(args: argparse.Namespace) -> int:
         from rledit.models import load_model
 
         loaded = load_model(args.model)
+        if args.chat_template:
+            from rledit.chat import use_chat_template
+
+            use_chat_template(loaded.tokenizer)
         ids = greedy_decode(loaded.model, loaded.tokenizer, args.prompt, [args.max_new_tokens] * len(args.prompt))
         texts = [loaded.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
     for prompt, text in zip(args.prompt, texts):

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import rledit
+from rledit.chat import chat_framing, restore_chat_framing, use_chat_template
 from rledit.checkpoints import read_checkpoint, shipped_checkpoints, write_checkpoint
 from rledit.deltas import DeltaError, DeltaStore
 from rledit.files import atomic_directory, file_sha256, read_json, read_safetensors
@@ -120,6 +121,7 @@ class Editor:
         modules: Sequence[str] | None = None,
         dtype: str = "float32",
         device: str | None = None,
+        chat_template: bool | None = None,
     ) -> Editor:
         """An editor for a model given by name (hub id, local folder, ``"smollm2-135m"``) or already loaded.
 
@@ -128,6 +130,9 @@ class Editor:
         top-level keys of the saved ones, e.g. ``{"memory_init": 1.0}``). Otherwise ``hparams`` (a method
         hparams dataclass, a dict of its fields, or None for the defaults) configures ``method``, and
         ``layers``/``modules`` pick the edited modules (None: the architecture's defaults).
+        ``chat_template=True`` prompts the model through its tokenizer's chat template for editing, evaluation
+        and generation (:mod:`rledit.chat`; False: raw prompts, as the published protocols; None: the
+        tokenizer's current mode, raw unless switched).
         """
         saved = read_checkpoint(checkpoint) if checkpoint is not None else None
         if saved is not None:
@@ -168,13 +173,21 @@ class Editor:
             _log.warning("%s without a checkpoint: its hypernetwork is untrained (the gradient-like editor "
                          "d = -lr·|k|²·g); pass checkpoint= for a trained editor (shipped: %s)", method,
                          ", ".join(shipped_checkpoints()) or "none")
-        editor = cls(model, tokenizer, edit_method, targets, model_name=name,
-                     checkpoint=str(checkpoint) if checkpoint is not None else None)
+        mode = chat_framing(tokenizer)
+        if chat_template is not None:
+            use_chat_template(tokenizer, chat_template)  # ChatTemplateError before the model is touched
+        try:
+            editor = cls(model, tokenizer, edit_method, targets, model_name=name,
+                         checkpoint=str(checkpoint) if checkpoint is not None else None)
+        except BaseException:
+            restore_chat_framing(tokenizer, mode)
+            raise
         if saved is not None:
             try:
                 edit_method.load_state_dict(saved.state)
             except BaseException:
                 editor.store.detach()
+                restore_chat_framing(tokenizer, mode)
                 raise
         return editor
 
@@ -376,6 +389,7 @@ class Editor:
             "layers": sorted({t.layer for t in self.targets}),
             "modules": list(dict.fromkeys(t.name.rsplit(".", 1)[-1] for t in self.targets)),
             "steps": [s.to_dict() for s in self.steps],
+            "chat_template": chat_framing(self.tokenizer) is not None,
         }
         with atomic_directory(Path(path), "editor") as folder:
             self.store.save(folder / DELTAS_DIR)
@@ -400,6 +414,7 @@ class Editor:
             model if model is not None else description["model"], method=description["method"],
             hparams=description["hparams"], tokenizer=tokenizer, layers=description["layers"],
             modules=description["modules"], dtype=dtype, device=device,
+            chat_template=bool(description.get("chat_template", False)),
         )
         try:
             saved_targets = [list(t) for t in description["targets"]]
@@ -466,6 +481,7 @@ def _read_saved_editor(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         expected = {"model": str, "method": str, "hparams": dict, "layers": list, "modules": list,
                     "targets": list, "steps": list}
         wrong = [k for k, kind in expected.items() if not isinstance(description.get(k), kind)]
+        wrong += [] if isinstance(description.get("chat_template", False), bool) else ["chat_template"]
         if wrong:
             raise ValueError(f"{EDITOR_FILE} has missing or mistyped fields {wrong}")
         malformed = [step for step in description["steps"] if not _is_step_entry(step)]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from rledit.chat import chat_framing
 from rledit.types import is_visible
 
 
@@ -66,27 +67,44 @@ def text_ids(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]
     return list(tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"])
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt: :func:`text_ids` with the tokenizer's framing, or, when the tokenizer was switched
+    to its chat template (:func:`rledit.chat.use_chat_template`), the prompt's plain-text ids inside the
+    template's user turn and assistant header."""
+    framing = chat_framing(tokenizer)
+    if framing is None:
+        return text_ids(tokenizer, prompt)
+    return framing.before + text_ids(tokenizer, prompt, add_special_tokens=False) + framing.after
+
+
 def target_token_ids(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
-    """(prompt ids with special tokens, ids of ``" " + target``) following the conventions above."""
+    """(prompt ids (:func:`prompt_ids`), ids of ``" " + target``, or of ``target`` as the start of the assistant's
+    answer in chat framing) following the conventions above."""
     prompt = prompt.rstrip()
     target = target.strip()
     if not prompt:
         raise TokenizationError("empty prompt")
     if not target:
         raise TokenizationError(f"empty target for prompt {prompt!r}")
-    prompt_ids = text_ids(tokenizer, prompt)
+    ids = prompt_ids(tokenizer, prompt)
+    if chat_framing(tokenizer) is not None:
+        return ids, _visible_target(tokenizer, target, text_ids(tokenizer, target, add_special_tokens=False))
     joint = text_ids(tokenizer, prompt + " " + target)
-    if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
-        target_ids = joint[len(prompt_ids) :]
+    if joint[: len(ids)] == ids and len(joint) > len(ids):
+        target_ids = joint[len(ids) :]
         eos = tokenizer.eos_token_id
         if eos is not None and target_ids[-1] == eos:
             target_ids = target_ids[:-1]  # tokenizers that append EOS to every sequence (text never makes one)
     else:
         target_ids = text_ids(tokenizer, " " + target, add_special_tokens=False)
+    return ids, _visible_target(tokenizer, target, target_ids)
+
+
+def _visible_target(tokenizer, target: str, target_ids: list[int]) -> list[int]:
     if not target_ids or not is_visible(tokenizer.decode(target_ids)):
         raise TokenizationError(f"target {target!r} tokenises to {tokenizer.decode(target_ids)!r}: nothing to "
                                 "learn (the tokenizer normalises it away)")
-    return prompt_ids, target_ids
+    return target_ids
 
 
 def encode(
@@ -116,14 +134,14 @@ def encode(
         if not isinstance(prompt, str) or not prompt.strip():
             raise TokenizationError(f"row {i}: empty prompt")
         if targets is None:
-            ids = text_ids(tokenizer, prompt.rstrip())
+            ids = prompt_ids(tokenizer, prompt.rstrip())
             rows.append(ids)
             label_rows.append([-100] * len(ids))
             all_targets.append([])
             continue
-        prompt_ids, target_ids = target_token_ids(tokenizer, prompt, targets[i])
-        ids = prompt_ids + target_ids[:-1]
-        labels = [-100] * (len(prompt_ids) - 1) + target_ids
+        prompt_part, target_ids = target_token_ids(tokenizer, prompt, targets[i])
+        ids = prompt_part + target_ids[:-1]
+        labels = [-100] * (len(prompt_part) - 1) + target_ids
         rows.append(ids)
         label_rows.append(labels)
         all_targets.append(target_ids)

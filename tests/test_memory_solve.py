@@ -10,7 +10,7 @@ from tiny import tiny_model
 from rledit.checkpoints import read_checkpoint
 from rledit.data import load_requests
 from rledit.deltas import DeltaError
-from rledit.editor import Editor, EditorError
+from rledit.editor import Editor, EditorError, as_requests
 from rledit.methods.base import UpdateError
 from rledit.methods.memory import KeyMemory
 from rledit.methods.rledit import RLEditHparams, ridge_factors
@@ -162,3 +162,25 @@ def test_checkpoints_leave_the_memory_out_and_old_checkpoints_take_a_memory(toke
     overridden = Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, checkpoint=tmp_path / "old",
                                         hparams={"memory_init": 1.0})
     assert overridden.method.memory is not None
+
+
+def test_edit_passes_fit_what_one_pass_left_and_remember_the_step_once(tokenizer):
+    from rledit.hooks import capture_features
+
+    requests = load_requests("zsre", "train", limit=4)
+    losses, ranks = {}, {}
+    for passes in (1, 2, 3):
+        editor = _editor(tokenizer, memory_init=1.0, passes=passes)
+        step = editor.apply(requests)
+        batch = editor._encode(as_requests(requests))
+        losses[passes] = capture_features(editor.model, editor.targets, batch).loss
+        ranks[passes] = set(step.ranks.values())
+        memory = editor.method.memory
+        assert len(memory) == 1 and memory.staged is None
+        keys = next(iter(memory.steps.values()))
+        assert all(k.shape[0] == batch.n_answer_tokens for k in keys.values())  # the first pass's keys, once
+    assert losses[3] < losses[2] < losses[1]
+    n = batch.n_answer_tokens
+    assert ranks[1] == {n} and max(ranks[2]) > n  # a second pass adds directions (kept dense once larger)
+    with pytest.raises(ValueError, match="passes must be >= 1"):
+        RLEditHparams(passes=0)

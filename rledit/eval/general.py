@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rledit.chat import raw_prompts
 from rledit.data.files import data_dir
 from rledit.data.formats import DataError
 from rledit.tokens import answer_logits, context_length, encode, target_token_ids
@@ -110,5 +111,6 @@ def general_probe(model: nn.Module, tokenizer, sst2_limit: int | None = None, te
                   batch_size: int = 32) -> dict[str, float]:
     """``{"sst2_accuracy": %, "perplexity": ...}`` of ``model`` as it is now (edited or not)."""
     texts = [r.text for r in load_sst2("test", text_limit)]
-    return {"sst2_accuracy": round(sst2_accuracy(model, tokenizer, sst2_limit, batch_size), 2),
-            "perplexity": round(perplexity(model, tokenizer, texts, batch_size), 3)}
+    with raw_prompts(tokenizer):  # both tasks are defined on raw text, also for a model prompted in chat
+        return {"sst2_accuracy": round(sst2_accuracy(model, tokenizer, sst2_limit, batch_size), 2),
+                "perplexity": round(perplexity(model, tokenizer, texts, batch_size), 3)}

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rledit.chat import chat_framing
 from rledit.methods.memit.config import LocateEditHparams
 from rledit.methods.runtime import frozen_model
 from rledit.tokens import TokenBatch, answer_logits, text_ids
@@ -46,8 +47,8 @@ def check_subjects(requests: Sequence[EditRequest], method: str) -> None:
 
 
 def subject_last_token(tokenizer: Any, text: str, subject: str) -> int:
-    """Index of the subject's last token in ``tokenizer(text.rstrip(), add_special_tokens=True)`` (the prompt
-    tokens :func:`rledit.tokens.encode` uses). The first occurrence of the subject counts (exact case first)."""
+    """Index of the subject's last token among the prompt tokens of ``text`` that :func:`rledit.tokens.encode`
+    uses (:func:`rledit.tokens.prompt_ids`). The first occurrence of the subject counts (exact case first)."""
     text, subject = text.rstrip(), subject.strip()
     start = text.find(subject)
     if start < 0:
@@ -55,15 +56,17 @@ def subject_last_token(tokenizer: Any, text: str, subject: str) -> int:
     if start < 0:
         raise EditRequestError(f"subject {subject!r} does not occur in {text!r}")
     end = start + len(subject)
+    framing = chat_framing(tokenizer)  # chat framing: the template's tokens come first, the text has no BOS
+    offset, framed = (len(framing.before), False) if framing is not None else (0, True)
     try:
-        encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, split_special_tokens=True)
+        encoded = tokenizer(text, add_special_tokens=framed, return_offsets_mapping=True, split_special_tokens=True)
     except NotImplementedError:  # slow tokenizers have no offsets: count the tokens of the text up to the end
-        return len(text_ids(tokenizer, text[:end])) - 1
+        return offset + len(text_ids(tokenizer, text[:end], add_special_tokens=framed)) - 1
     spans = encoded["offset_mapping"]
     inside = [i for i, (a, b) in enumerate(spans) if b > a and a < end]
     if not inside:
         raise EditRequestError(f"no token of {text!r} covers the subject {subject!r}")
-    return inside[-1]
+    return offset + inside[-1]
 
 
 def subject_positions(batch: TokenBatch, token_indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,7 +135,7 @@ class RLEditHparams:
             statistics MEMIT/AlphaEdit use, computed once and cached); 0 (default) leaves C_0 out.
         corpus: the text C_0 is estimated on (see MEMIT's ``corpus``); used only when corpus_init > 0.
         stats_samples: how many corpus texts C_0 is estimated on.
-        passes: edit passes per step at edit time (ALGORITHM.md §4c). Pass 1 is the update above; each further
+        passes: edit passes per step at edit time (rledit.methods.rledit.method, step 5). Pass 1 is the update above; each further
             pass captures the step's features again on the model with the passes so far applied and adds the
             update of what is still missing, through the same solve (rank ≤ passes·N). 1 (default) is the
             published single-pass editor; training always uses one pass.

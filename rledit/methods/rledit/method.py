@@ -7,7 +7,10 @@
    with the memory-aware solve (§4b, ``memory_init`` / ``corpus_init`` > 0) the penalty β C_mem + α C_0 joins
    e^λ I: C_mem, the keys of the earlier applied steps (a :class:`rledit.methods.memory.KeyMemory`), keeps
    this step from overwriting what they wrote, and C_0, the corpus key statistics, protects unrelated inputs;
-4. the factors U (d_in×N) and V (N×d_out) in fp32.
+4. the factors U (d_in×N) and V (N×d_out) in fp32;
+5. at edit time, optionally more passes (``passes`` > 1): the step's features are captured again with the update
+   so far applied, and steps 1–4 add the update of what is still missing (ΔW = Σ_p U_p V_p). With the memory
+   solve at β ≈ 1 this is recursive least squares that also converges within the step.
 
 Everything is differentiable: with gradients enabled, V carries the graph into D, λ and the network, which is
 what the RL trainer backpropagates through. K is the step's (detached) keys. The Gram matrix and the solve
@@ -211,7 +214,7 @@ class RLEditMethod(EditMethod):
 
     def compute_step(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget],
                      requests: Sequence[EditRequest], features: StepFeaturesLike | None) -> dict[str, Any]:
-        """One edit step in ``hparams.passes`` passes (ALGORITHM.md §4c): the update from the step's features,
+        """One edit step in ``hparams.passes`` passes (step 5 of the module docstring): the update from the step's features,
         then, per further pass, the update computed from the features captured again with the passes so far
         applied, appended to the factors (ΔW = Σ_p U_p V_p). Later passes leave the normaliser's statistics
         alone, and the key memory keeps the first pass's keys (one step, one entry)."""
