@@ -169,8 +169,8 @@ def test_edit_passes_fit_what_one_pass_left_and_remember_the_step_once(tokenizer
 
     requests = load_requests("zsre", "train", limit=4)
     losses, ranks = {}, {}
-    for passes in (1, 2, 3):
-        editor = _editor(tokenizer, memory_init=1.0, passes=passes)
+    for passes, refine in ((1, "network"), (2, "network"), (3, "network"), ("3g", "gradient")):
+        editor = _editor(tokenizer, memory_init=1.0, passes=int(str(passes)[0]), refine=refine)
         step = editor.apply(requests)
         batch = editor._encode(as_requests(requests))
         losses[passes] = capture_features(editor.model, editor.targets, batch).loss
@@ -179,8 +179,10 @@ def test_edit_passes_fit_what_one_pass_left_and_remember_the_step_once(tokenizer
         assert len(memory) == 1 and memory.staged is None
         keys = next(iter(memory.steps.values()))
         assert all(k.shape[0] == batch.n_answer_tokens for k in keys.values())  # the first pass's keys, once
-    assert losses[3] < losses[2] < losses[1]
+    assert losses[3] < losses[2] < losses[1] and losses["3g"] < losses[1]
     n = batch.n_answer_tokens
     assert ranks[1] == {n} and max(ranks[2]) > n  # a second pass adds directions (kept dense once larger)
     with pytest.raises(ValueError, match="passes must be >= 1"):
         RLEditHparams(passes=0)
+    with pytest.raises(ValueError, match="refine must be one of"):
+        RLEditHparams(refine="newton")

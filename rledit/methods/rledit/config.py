@@ -13,6 +13,7 @@ from typing import Literal
 NORMALIZER_MODES = ("frozen", "lifelong")
 LOC_REFERENCES = ("previous", "unedited")
 BACKTRACKING = ("window", "sampled")
+REFINE = ("network", "gradient")
 
 
 @dataclass
@@ -139,6 +140,10 @@ class RLEditHparams:
             pass captures the step's features again on the model with the passes so far applied and adds the
             update of what is still missing, through the same solve (rank ≤ passes·N). 1 (default) is the
             published single-pass editor; training always uses one pass.
+        refine: what computes the value shifts of the passes after the first: "network" (the hypernetwork, as
+            in pass 1) or "gradient" (the plain gradient-like shifts d_i = -lr·||k_i||²·g_i with the module's
+            learned step size: the network was trained on first-pass features, and on the small residual
+            gradients of later passes its output keeps a bias that adds up over passes).
     """
 
     name: str = "rledit"
@@ -152,6 +157,7 @@ class RLEditHparams:
     corpus: str = "sst2"
     stats_samples: int = 2000
     passes: int = 1
+    refine: Literal["network", "gradient"] = "network"
     train: TrainHparams = field(default_factory=TrainHparams)
 
     def __post_init__(self) -> None:
@@ -163,6 +169,7 @@ class RLEditHparams:
         for name in ("memory_init", "corpus_init"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0 (0 turns the term off), got {getattr(self, name)}")
         _require(self.passes >= 1, f"passes must be >= 1, got {self.passes}")
+        _require(self.refine in REFINE, f"refine must be one of {REFINE}, got {self.refine!r}")
         _require(self.stats_samples >= 1, f"stats_samples must be >= 1, got {self.stats_samples}")
         _require(
             self.normalizer in NORMALIZER_MODES,

@@ -182,9 +182,11 @@ class RLEditMethod(EditMethod):
             self.memory.reset()
 
     def compute_updates(self, features: StepFeaturesLike, targets: Sequence[EditTarget] = (),
-                        update_stats: bool | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                        update_stats: bool | None = None,
+                        network: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Factors (U, V) per module for one step. ``update_stats=None`` follows the normaliser mode
         ("lifelong": update with this step's features, then normalise; "frozen": never update).
+        ``network=False`` skips the hypernetwork (k~ = k, g~ = g: the plain gradient-like shifts).
 
         Raises :class:`UpdateError` on non-finite features or a non-finite update; the normaliser is then
         left exactly as it was before the call.
@@ -202,7 +204,8 @@ class RLEditMethod(EditMethod):
             for name, raw_keys in features.keys.items():
                 keys = raw_keys.to(device=device, dtype=torch.float32)
                 grads = features.grads[name].to(device=device, dtype=torch.float32)
-                edited_keys, edited_grads = net(name, keys, grads, update_stats=update_stats)
+                edited_keys, edited_grads = (net(name, keys, grads, update_stats=update_stats) if network
+                                             else (keys, grads))
                 updates[name] = self.module_update(name, keys, edited_keys, edited_grads)
             check_updates(updates, net.module_shapes)
         except UpdateError:
@@ -219,7 +222,7 @@ class RLEditMethod(EditMethod):
         applied, appended to the factors (ΔW = Σ_p U_p V_p). Later passes leave the normaliser's statistics
         alone, and the key memory keeps the first pass's keys (one step, one entry)."""
         updates = super().compute_step(model, tokenizer, targets, requests, features)
-        passes = getattr(self.hparams, "passes", 1)
+        passes = getattr(self.hparams, "passes", 1)  # MEND (a subclass) has one pass
         if passes == 1:
             return updates
         staged = self.memory.staged if self.memory is not None else None
@@ -229,7 +232,8 @@ class RLEditMethod(EditMethod):
             for _ in range(passes - 1):
                 with store.pending(updates):
                     more = self.compute_updates(capture_features(model, targets, batch), targets,
-                                                update_stats=False)
+                                                update_stats=False,
+                                                network=self.hparams.refine == "network")
                 updates = {name: (torch.cat([u, more[name][0]], 1), torch.cat([v, more[name][1]], 0))
                            for name, (u, v) in updates.items()}
         if self.memory is not None:
