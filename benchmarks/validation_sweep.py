@@ -32,12 +32,13 @@ from rledit.eval.relations import in_half
 from rledit.files import write_text_atomically
 from rledit.models import load_model
 
-PROTOCOL = "zsre-token-acc@2"
-METRICS = ("efficacy", "generalization", "locality", "relation_locality")
+PROTOCOLS = {"zsre": "zsre-token-acc@2", "counterfact": "cf-prob@1"}
+METRICS = {"zsre": ("efficacy", "generalization", "locality", "relation_locality"),
+           "counterfact": ("efficacy", "generalization", "neighborhood")}
 
 
-def validation_stream(n: int, seed: int) -> list:
-    records = [r for r in load_requests("zsre", split="train") if in_half(r, "metric")]
+def validation_stream(n: int, seed: int, data: str = "zsre") -> list:
+    records = [r for r in load_requests(data, split="train") if in_half(r, "metric")]
     random.Random(seed).shuffle(records)
     return records[:n]
 
@@ -76,10 +77,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, nargs="*", default=[24, 25, 26, 27])
     parser.add_argument("--modules", nargs="*", default=None, help="edited MLP modules (default: the model's)")
+    parser.add_argument("--data", choices=sorted(PROTOCOLS), default="zsre",
+                        help="training split the stream comes from (its 'metric' half), scored by its protocol")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     loaded = load_model("smollm2-135m")
-    stream = validation_stream(args.steps * args.batch, args.seed)
+    stream = validation_stream(args.steps * args.batch, args.seed, args.data)
+    protocol, metric_names = PROTOCOLS[args.data], METRICS[args.data]
     references = None
     rows = []
     out = Path(args.out)
@@ -94,25 +98,25 @@ def main() -> None:
         if scale:
             overrides["scale"] = scale
         if references is None:
-            references = editor.references(stream, [PROTOCOL])
+            references = editor.references(stream, [protocol])
         start = time.perf_counter()
         for i in range(0, len(stream), args.batch):
             editor.apply(stream[i:i + args.batch])
-        result = editor.evaluate(stream, [PROTOCOL], references=references)
-        metrics = result.metrics[PROTOCOL]
+        result = editor.evaluate(stream, [protocol], references=references)
+        metrics = result.metrics[protocol]
         editor.store.detach()
         rows.append({"setting": overrides, "seconds": round(time.perf_counter() - start, 1),
-                     "setup": editor.method.setup_report(), **{m: round(metrics[m], 2) for m in METRICS},
+                     "setup": editor.method.setup_report(), **{m: round(metrics[m], 2) for m in metric_names},
                      **efficacy_by_age(result.records, args.batch, args.steps)})
         print(rows[-1], flush=True)
-        summary = {"format": "rledit-validation-sweep@1", "command": shlex.join(sys.argv), "protocol": PROTOCOL,
+        summary = {"format": "rledit-validation-sweep@1", "command": shlex.join(sys.argv), "protocol": protocol, "data_source": args.data,
                    "checkpoint": args.checkpoint, "layers": args.layers, "modules": args.modules, "steps": args.steps, "batch": args.batch,
-                   "seed": args.seed, "data": "zsre train, 'metric' half, seeded shuffle", "torch": torch.__version__,
+                   "seed": args.seed, "data": f"{args.data} train, 'metric' half, seeded shuffle", "torch": torch.__version__,
                    "version": rledit.__version__, "rows": rows}
         write_text_atomically(out / "sweep.json", json.dumps(summary, indent=1) + "\n")
-        columns = [*METRICS, *(k for k in ("efficacy_oldest", "efficacy_last") if all(k in r for r in rows))]
-        title = (f"Validation sweep: {args.checkpoint or 'untrained rledit'}, {args.steps} x {args.batch} zsRE "
-                 f"training edits ('metric' half), {PROTOCOL} at the end")
+        columns = [*metric_names, *(k for k in ("efficacy_oldest", "efficacy_last") if all(k in r for r in rows))]
+        title = (f"Validation sweep: {args.checkpoint or 'untrained rledit'}, {args.steps} x {args.batch} {args.data} "
+                 f"training edits ('metric' half), {protocol} at the end")
         lines = [title, "",
                  "| setting | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         lines += [f"| `{json.dumps(r['setting'])}` | " + " | ".join(f"{r[m]:.1f}" for m in columns) + " |"

@@ -16,7 +16,7 @@ from pathlib import Path
 from rledit.data.files import data_dir
 
 BUNDLED_CORPORA = {"sst2": "corpus/sst2_sentences.txt.gz"}  # name -> file under the data folder
-QUESTION_CORPORA = ("zsre-train-questions",)  # built from the bundled zsRE training split
+QUESTION_CORPORA = ("zsre-train-questions", "counterfact-train-facts")  # built from the bundled training splits
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
@@ -40,8 +40,10 @@ def load_corpus(source: str, limit: int, split: str = "train", column: str = "te
     """
     if limit < 1:
         raise CorpusError(f"the corpus sample size must be >= 1, got {limit}")
-    if source in QUESTION_CORPORA:
+    if source == "zsre-train-questions":
         return _question_corpus(limit)
+    if source == "counterfact-train-facts":
+        return _fact_corpus(limit)
     if source in BUNDLED_CORPORA:
         path = data_dir() / BUNDLED_CORPORA[source]
         if not path.is_file():
@@ -70,6 +72,27 @@ def _question_corpus(limit: int) -> Corpus:
         raise CorpusError("the zsRE training split holds no NQ locality questions")
     digest = hashlib.sha256(dataset_file("zsre", "train").read_bytes()).hexdigest()[:12]
     return Corpus(texts[:limit], f"zsre_train_questions-{digest}")
+
+
+def _fact_corpus(limit: int) -> Corpus:
+    """"counterfact-train-facts": true facts of the CounterFact training records in the "train" half of
+    :mod:`rledit.eval.relations`, each record's prompt with its true object, then its neighbourhood prompt with
+    its true answer, in file order. They stand for the facts about *other* subjects, asked the same way, that a
+    CounterFact edit must leave alone (its neighbourhood); the other half is left for a validation stream."""
+    from rledit.data import dataset_file, load_requests
+    from rledit.eval.relations import in_half
+
+    texts = []
+    for record in load_requests("counterfact", split="train"):
+        if not in_half(record, "train"):
+            continue
+        if record.ground_truth:
+            texts.append(f"{record.prompt.rstrip()} {record.ground_truth.strip()}")
+        texts += [f"{item.prompt.rstrip()} {item.answer.strip()}" for item in record.locality if item.answer]
+    if not texts:
+        raise CorpusError("the CounterFact training split holds no true facts")
+    digest = hashlib.sha256(dataset_file("counterfact", "train").read_bytes()).hexdigest()[:12]
+    return Corpus(texts[:limit], f"counterfact_train_facts-{digest}")
 
 
 def _file_corpus(path: Path, limit: int, column: str) -> Corpus:
