@@ -71,6 +71,22 @@ def test_corpus_files_and_the_bundled_corpus(tmp_path, corpus_file):
         load_corpus(str(tmp_path / "notes.csv"), limit=5)
 
 
+def test_training_split_corpora_leave_the_validation_half_out():
+    from rledit.data import load_requests
+    from rledit.eval.relations import in_half
+
+    facts = load_corpus("counterfact-train-facts", limit=100_000)
+    assert facts.identifier.startswith("counterfact_train_facts2-")
+    records = load_requests("counterfact", split="train")
+    held = {p for r in records if in_half(r, "metric") for p in (r.prompt, *(i.prompt for i in r.locality))}
+    kept = {f"{r.prompt} {r.ground_truth}" for r in records if in_half(r, "train") and r.prompt not in held}
+    assert kept <= set(facts.texts) and len(facts.texts) > len(kept)  # with the neighbourhood facts
+    held_facts = {f"{i.prompt} {i.answer}" for r in records if in_half(r, "metric") for i in r.locality}
+    assert not held_facts & set(facts.texts)
+    questions = load_corpus("zsre-train-questions", limit=3)
+    assert len(questions.texts) == 3 and all("?" in t for t in questions.texts)
+
+
 # ---------------------------------------------------------------------------------------------- statistics
 def test_second_moments_match_a_text_by_text_reference(tokenizer, corpus_file):
     model = tiny_model("llama")
