@@ -117,7 +117,7 @@ def run_benchmark(model: torch.nn.Module, tokenizer, model_name: str, spec: Benc
     again; ``general_unedited``: likewise the unedited model's general-ability scores (``spec.general``)."""
     requests = list(requests) if requests is not None else check_spec(spec)
     stream = EditStream(requests, spec.steps, spec.batch, spec.seed)
-    probe = (lambda: general_probe(model, tokenizer)) if spec.general else None
+    probe = (lambda: general_probe(model, tokenizer, progress=progress)) if spec.general else None
     if probe is not None and general_unedited is None:
         general_unedited = probe()  # before the editor exists: the model is unedited
     modules = spec.modules

@@ -62,9 +62,9 @@ def test_bench_general_probes_unedited_on_the_curve_and_at_the_end(tokenizer, tm
 
     calls = []
 
-    def probe(model, tok):
+    def probe(model, tok, progress=False):
         calls.append(1)
-        return general_probe(model, tok, sst2_limit=16, text_limit=8)
+        return general_probe(model, tok, sst2_limit=16, text_limit=8, progress=progress)
 
     monkeypatch.setattr(bench, "general_probe", probe)
     model = tiny_model("llama")
@@ -87,7 +87,8 @@ def test_bench_general_probes_unedited_on_the_curve_and_at_the_end(tokenizer, tm
 def test_cli_bench_general_writes_the_scores_and_the_table(tiny_folder, tmp_path, monkeypatch):
     from rledit import bench
 
-    monkeypatch.setattr(bench, "general_probe", lambda m, t: general_probe(m, t, sst2_limit=8, text_limit=4))
+    monkeypatch.setattr(bench, "general_probe",
+                        lambda m, t, progress: general_probe(m, t, sst2_limit=8, text_limit=4, progress=progress))
     out = tmp_path / "runs"
     assert main(["bench", "--methods", "rledit,ultraedit", "--model", str(tiny_folder), "--steps", "1",
                  "--batch", "2", "--protocols", "zsre-token-acc@1", "--general", "--out", str(out)]) == 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from rledit.chat import raw_prompts
 from rledit.data.files import data_dir
@@ -62,11 +63,14 @@ def load_sst2(split: str = "dev", limit: int | None = None) -> list[LabelledText
 
 @torch.no_grad()
 def continuation_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
-                          batch_size: int = 32, also: Sequence[int] = ()) -> list[tuple[float, int, list[float]]]:
+                          batch_size: int = 32, also: Sequence[int] = (),
+                          desc: str | None = None) -> list[tuple[float, int, list[float]]]:
     """Per row: the summed log-probability of ``continuations[i]`` after ``prompts[i]`` (teacher-forced), its
-    number of tokens, and the log-probabilities of the token ids ``also`` at its first position."""
+    number of tokens, and the log-probabilities of the token ids ``also`` at its first position. ``desc``: show
+    a progress bar with that title."""
     scores: list[tuple[float, int, list[float]]] = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
         batch = encode(tokenizer, list(prompts[start:start + batch_size]),
                        list(continuations[start:start + batch_size]), max_length=context_length(model),
                        padding_side="left")
@@ -81,36 +85,41 @@ def continuation_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], c
     return scores
 
 
-def sst2_accuracy(model: nn.Module, tokenizer, limit: int | None = None, batch_size: int = 32) -> float:
+def sst2_accuracy(model: nn.Module, tokenizer, limit: int | None = None, batch_size: int = 32,
+                  progress: bool = False) -> float:
     """Zero-shot accuracy (percent) on the bundled SST-2 dev sentences (see the module docstring)."""
     rows = load_sst2("dev", limit)
     prompts = [SST2_TEMPLATE.format(sentence=r.text) for r in rows]
     label_ids = [target_token_ids(tokenizer, prompts[0], word)[1] for word in SST2_LABELS]
     if all(len(ids) == 1 for ids in label_ids):  # one forward scores both words (their only token)
         scored = continuation_logprobs(model, tokenizer, prompts, [SST2_LABELS[0]] * len(rows), batch_size,
-                                       also=[ids[0] for ids in label_ids])
+                                       also=[ids[0] for ids in label_ids], desc="SST-2" if progress else None)
         by_label = [[row[2][k] for row in scored] for k in range(len(SST2_LABELS))]
     else:
-        by_label = [[row[0] for row in continuation_logprobs(model, tokenizer, prompts, [word] * len(rows),
-                                                             batch_size)] for word in SST2_LABELS]
+        by_label = [[row[0] for row in continuation_logprobs(model, tokenizer, prompts, [word] * len(rows), batch_size,
+                                                             desc=f"SST-2{word}" if progress else None)]
+                    for word in SST2_LABELS]
     correct = sum(int(positive > negative) == r.label for r, negative, positive in zip(rows, *by_label))
     return 100.0 * correct / len(rows)
 
 
-def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 32) -> float:
+def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 32,
+               progress: bool = False) -> float:
     """exp(mean token cross-entropy) of ``texts``, each on its own, over the tokens after its first word."""
     pairs = [text.split(" ", 1) for text in texts]
     pairs = [(first, " " + rest) for first, rest in (p for p in pairs if len(p) == 2 and p[1].strip())]
     if not pairs:
         raise ValueError("perplexity needs texts of at least two words")
-    scored = continuation_logprobs(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], batch_size)
+    scored = continuation_logprobs(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], batch_size,
+                                   desc="perplexity" if progress else None)
     return math.exp(-sum(row[0] for row in scored) / sum(row[1] for row in scored))
 
 
 def general_probe(model: nn.Module, tokenizer, sst2_limit: int | None = None, text_limit: int | None = 500,
-                  batch_size: int = 32) -> dict[str, float]:
-    """``{"sst2_accuracy": %, "perplexity": ...}`` of ``model`` as it is now (edited or not)."""
+                  batch_size: int = 32, progress: bool = False) -> dict[str, float]:
+    """``{"sst2_accuracy": %, "perplexity": ...}`` of ``model`` as it is now (edited or not); ``progress``:
+    progress bars."""
     texts = [r.text for r in load_sst2("test", text_limit)]
     with raw_prompts(tokenizer):  # both tasks are defined on raw text, also for a model prompted in chat
-        return {"sst2_accuracy": round(sst2_accuracy(model, tokenizer, sst2_limit, batch_size), 2),
-                "perplexity": round(perplexity(model, tokenizer, texts, batch_size), 3)}
+        return {"sst2_accuracy": round(sst2_accuracy(model, tokenizer, sst2_limit, batch_size, progress), 2),
+                "perplexity": round(perplexity(model, tokenizer, texts, batch_size, progress), 3)}
