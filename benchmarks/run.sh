@@ -72,3 +72,15 @@ bench "${CF[@]}" --methods rledit:smollm2-135m-counterfact --set method.memory_i
   --chosen-on benchmarks/results/sweeps/retune --out benchmarks/results/training/counterfact-retuned-fit
 bench "${CF[@]}" --methods rledit:benchmarks/results/training/counterfact-retuned-fit \
   --label "rledit:counterfact-retuned-fit (memory beta 0.1, ridge x0.1)"
+
+# Edit passes with the memory at beta 1 (experiment log entry 8; chosen on benchmarks/results/sweeps/passes/)
+.venv/bin/python benchmarks/retune_scalars.py --checkpoint smollm2-135m-zsre \
+  --setting "$MEMORY, \"passes\": 6, \"refine\": \"gradient\", \"scale\": {\"ridge\": 0.1, \"alpha\": 0.6, \"beta\": 1.0}}" \
+  --chosen-on benchmarks/results/sweeps/passes --out benchmarks/results/training/zsre-retuned-passes
+bench "${V2[@]}" --general --methods rledit:benchmarks/results/training/zsre-retuned-passes \
+  --label "rledit:zsre-retuned-passes (6 passes, beta 1, alpha 600)"
+.venv/bin/python benchmarks/retune_scalars.py --checkpoint smollm2-135m-counterfact \
+  --setting '{"memory_init": 1.0, "corpus_init": 1.0, "corpus": "counterfact-train-facts", "stats_samples": 6000, "passes": 4, "refine": "gradient", "scale": {"ridge": 0.1, "beta": 1.0, "alpha": 100}}' \
+  --chosen-on benchmarks/results/sweeps/passes --out benchmarks/results/training/counterfact-retuned-passes
+bench "${CF[@]}" --methods rledit:benchmarks/results/training/counterfact-retuned-passes \
+  --label "rledit:counterfact-retuned-passes (4 passes, beta 1, C0 alpha 100)"
