@@ -84,3 +84,12 @@ bench "${V2[@]}" --general --methods rledit:benchmarks/results/training/zsre-ret
   --chosen-on benchmarks/results/sweeps/passes --out benchmarks/results/training/counterfact-retuned-passes
 bench "${CF[@]}" --methods rledit:benchmarks/results/training/counterfact-retuned-passes \
   --label "rledit:counterfact-retuned-passes (4 passes, beta 1, C0 alpha 100)"
+
+# Unedited SmolLM2 prompted raw (the published protocols) and through its chat template (README "Chat models")
+for data in zsre counterfact; do
+  protocols=(zsre-token-acc@2 gen-exact@1); [ "$data" = counterfact ] && protocols=(cf-prob@1 gen-exact@1)
+  .venv/bin/rledit eval --model smollm2-135m --data $data --split eval --limit 200 --protocols "${protocols[@]}" \
+    --out benchmarks/results/chat-template/$data-raw.json
+  .venv/bin/rledit eval --model smollm2-135m --data $data --split eval --limit 200 --protocols "${protocols[@]}" \
+    --chat-template --out benchmarks/results/chat-template/$data-chat.json
+done
