@@ -8,6 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 bench() { .venv/bin/rledit bench --model smollm2-135m --split eval --layers 24 25 26 27 --seed 0 --timing curve "$@"; }
+# retune FROM SETTING SWEEP NAME: a trained editor with its scalars re-set as chosen on sweeps/SWEEP, written to
+# benchmarks/results/training/NAME (benchmarks/retune_scalars.py)
+retune() {
+  .venv/bin/python benchmarks/retune_scalars.py --checkpoint "$1" --setting "$2" \
+    --chosen-on "benchmarks/results/sweeps/$3" --out "benchmarks/results/training/$4"
+}
 
 # zsRE eval, 50 steps x 20 edits, retention curve every 25 steps, headline zsre-token-acc@1
 ZSRE=(--data zsre --steps 50 --batch 20 --eval-every 25 --protocols zsre-token-acc@1 --out benchmarks/results/zsre-50x20)
@@ -54,34 +60,25 @@ bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-memory-c0-ep1
   --label "rledit:zsre-memory-c0-ep1 (1 episode of 50 x 20)"
 # the shipped editor with its scalars re-set for the memory solve (chosen on benchmarks/results/sweeps/retune/)
 MEMORY='{"memory_init": 1.0, "corpus_init": 1000.0, "corpus": "zsre-train-questions", "stats_samples": 4000'
-.venv/bin/python benchmarks/retune_scalars.py --checkpoint smollm2-135m-zsre --setting "$MEMORY, \"scale\": {\"lr\": 3}}" \
-  --chosen-on benchmarks/results/sweeps/retune --out benchmarks/results/training/zsre-retuned-lr3
+retune smollm2-135m-zsre "$MEMORY, \"scale\": {\"lr\": 3}}" retune zsre-retuned-lr3
 bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-lr3 \
   --label "rledit:zsre-retuned-lr3 (shipped editor, beta 1, alpha 1e3, lr x3)"
-.venv/bin/python benchmarks/retune_scalars.py --checkpoint smollm2-135m-zsre \
-  --setting "$MEMORY, \"scale\": {\"ridge\": 0.1, \"alpha\": 0.1, \"beta\": 0.1}}" \
-  --chosen-on benchmarks/results/sweeps/retune --out benchmarks/results/training/zsre-retuned-fit
+retune smollm2-135m-zsre "$MEMORY, \"scale\": {\"ridge\": 0.1, \"alpha\": 0.1, \"beta\": 0.1}}" retune zsre-retuned-fit
 bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-fit \
   --label "rledit:zsre-retuned-fit (shipped editor, beta 0.1, alpha 100, ridge x0.1)"
 
 # CounterFact 50 x 20: the shipped CounterFact editor with the memory solve
 bench "${CF[@]}" --methods rledit:smollm2-135m-counterfact --set method.memory_init=1.0 \
   --label "rledit:smollm2-135m-counterfact + memory (beta 1)"
-.venv/bin/python benchmarks/retune_scalars.py --checkpoint smollm2-135m-counterfact \
-  --setting '{"memory_init": 1.0, "scale": {"ridge": 0.1, "beta": 0.1}}' \
-  --chosen-on benchmarks/results/sweeps/retune --out benchmarks/results/training/counterfact-retuned-fit
+retune smollm2-135m-counterfact '{"memory_init": 1.0, "scale": {"ridge": 0.1, "beta": 0.1}}' retune counterfact-retuned-fit
 bench "${CF[@]}" --methods rledit:benchmarks/results/training/counterfact-retuned-fit \
   --label "rledit:counterfact-retuned-fit (memory beta 0.1, ridge x0.1)"
 
 # Edit passes with the memory at beta 1 (experiment log entry 8; chosen on benchmarks/results/sweeps/passes/)
-.venv/bin/python benchmarks/retune_scalars.py --checkpoint smollm2-135m-zsre \
-  --setting "$MEMORY, \"passes\": 6, \"refine\": \"gradient\", \"scale\": {\"ridge\": 0.1, \"alpha\": 0.6, \"beta\": 1.0}}" \
-  --chosen-on benchmarks/results/sweeps/passes --out benchmarks/results/training/zsre-retuned-passes
+retune smollm2-135m-zsre "$MEMORY, \"passes\": 6, \"refine\": \"gradient\", \"scale\": {\"ridge\": 0.1, \"alpha\": 0.6, \"beta\": 1.0}}" passes zsre-retuned-passes
 bench "${V2[@]}" --general --methods rledit:benchmarks/results/training/zsre-retuned-passes \
   --label "rledit:zsre-retuned-passes (6 passes, beta 1, alpha 600)"
-.venv/bin/python benchmarks/retune_scalars.py --checkpoint smollm2-135m-counterfact \
-  --setting '{"memory_init": 1.0, "corpus_init": 1.0, "corpus": "counterfact-train-facts", "stats_samples": 6000, "passes": 4, "refine": "gradient", "scale": {"ridge": 0.1, "beta": 1.0, "alpha": 100}}' \
-  --chosen-on benchmarks/results/sweeps/passes --out benchmarks/results/training/counterfact-retuned-passes
+retune smollm2-135m-counterfact '{"memory_init": 1.0, "corpus_init": 1.0, "corpus": "counterfact-train-facts", "stats_samples": 6000, "passes": 4, "refine": "gradient", "scale": {"ridge": 0.1, "beta": 1.0, "alpha": 100}}' passes counterfact-retuned-passes
 bench "${CF[@]}" --methods rledit:benchmarks/results/training/counterfact-retuned-passes \
   --label "rledit:counterfact-retuned-passes (4 passes, beta 1, C0 alpha 100)"
 

@@ -29,6 +29,7 @@ from rledit.chat import chat_framing
 from rledit.data import EditStream, dataset_file, load_requests
 from rledit.editor import Editor, method_hparams_dict
 from rledit.eval import LifelongResult, run_lifelong
+from rledit.eval.general import TASKS as GENERAL_TASKS
 from rledit.eval.general import general_probe
 from rledit.files import file_sha256
 from rledit.methods import get_method
@@ -117,7 +118,7 @@ def run_benchmark(model: torch.nn.Module, tokenizer, model_name: str, spec: Benc
     again; ``general_unedited``: likewise the unedited model's general-ability scores (``spec.general``)."""
     requests = list(requests) if requests is not None else check_spec(spec)
     stream = EditStream(requests, spec.steps, spec.batch, spec.seed)
-    probe = (lambda: general_probe(model, tokenizer, progress=progress)) if spec.general else None
+    probe = (lambda: general_probe(model, tokenizer)) if spec.general else None
     if probe is not None and general_unedited is None:
         general_unedited = probe()  # before the editor exists: the model is unedited
     modules = spec.modules
@@ -147,10 +148,6 @@ def run_benchmark(model: torch.nn.Module, tokenizer, model_name: str, spec: Benc
         summary["general"] = {"unedited": general_unedited, "edited": _without_position(result.general[-1]),
                               "curve": result.general, "tasks": GENERAL_TASKS}
     return summary, result
-
-
-GENERAL_TASKS = ("sst2_accuracy: zero-shot accuracy (%) on the 872 SST-2 dev sentences; perplexity: on the first "
-                 "500 SST-2 test sentences (rledit.eval.general)")
 
 
 def _without_position(point: dict[str, Any]) -> dict[str, Any]:

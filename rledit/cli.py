@@ -161,14 +161,20 @@ def add_chat_template_flag(parser: argparse.ArgumentParser) -> None:
                              "the published protocols)")
 
 
-def _loaded(args: argparse.Namespace):
-    """The model of ``--model``/``--dtype``, its tokenizer in chat framing when ``--chat-template``."""
-    from rledit.chat import use_chat_template
+def chat_template_flag(args: argparse.Namespace, tokenizer) -> None:
+    """Switch ``tokenizer`` to chat framing when ``--chat-template`` was given (else leave its mode alone)."""
+    if getattr(args, "chat_template", False):
+        from rledit.chat import use_chat_template
+
+        use_chat_template(tokenizer)
+
+
+def loaded_model(args: argparse.Namespace):
+    """The model of ``--model`` (and ``--dtype``), its tokenizer in chat framing when ``--chat-template``."""
     from rledit.models import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype)
-    if getattr(args, "chat_template", False):
-        use_chat_template(loaded.tokenizer)
+    loaded = load_model(args.model, dtype=getattr(args, "dtype", "float32"))
+    chat_template_flag(args, loaded.tokenizer)
     return loaded
 
 
@@ -257,10 +263,7 @@ def _eval(args: argparse.Namespace) -> int:
         from rledit.editor import Editor
 
         editor = Editor.load(args.editor, dtype=args.dtype)
-        if args.chat_template:
-            from rledit.chat import use_chat_template
-
-            use_chat_template(editor.tokenizer)
+        chat_template_flag(args, editor.tokenizer)
         result = editor.evaluate(requests, args.protocols, batch_size=args.batch_size)
         meta = {"model": editor.model_name, "editor": str(Path(args.editor).resolve()), "seed": None,
                 "edit_steps": [s.to_dict() for s in editor.steps], "data": data}
@@ -270,7 +273,7 @@ def _eval(args: argparse.Namespace) -> int:
 
         from rledit.eval import compute_references
 
-        loaded = _loaded(args)
+        loaded = loaded_model(args)
         references = compute_references(loaded.model, loaded.tokenizer, requests, args.protocols, args.batch_size)
         adapted = PeftModel.from_pretrained(loaded.model, args.adapter)
         result = evaluate(adapted, loaded.tokenizer, requests, protocols=args.protocols, references=references,
@@ -279,7 +282,7 @@ def _eval(args: argparse.Namespace) -> int:
                 "editor": f"peft adapter {Path(args.adapter).resolve()}"}
         what = f"{loaded.name} with the adapter {args.adapter}"
     else:
-        loaded = _loaded(args)
+        loaded = loaded_model(args)
         result = evaluate(loaded.model, loaded.tokenizer, requests, protocols=args.protocols,
                           batch_size=args.batch_size)
         meta = {"model": loaded.name, "model_revision": loaded.revision, "seed": None, "data": data}
@@ -306,7 +309,7 @@ def _bench(args: argparse.Namespace) -> int:
     for spec in specs:
         spec.general = args.general
     requests = [check_spec(spec) for spec in specs]  # every error before any work
-    loaded = _loaded(args)
+    loaded = loaded_model(args)
     summaries = []
     baseline = general = None  # the unedited scores, shared by every method on the same stream
     for spec, spec_requests in zip(specs, requests):

@@ -74,29 +74,22 @@ def _edit(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from rledit.cli import chat_template_flag, loaded_model
     from rledit.editor import Editor, comparison_table
 
     if args.compare and not args.editor:
         raise ValueError("--compare needs --editor (an edited model to compare with its unedited one)")
     if args.editor:
         editor = Editor.load(args.editor)
-        if args.chat_template:
-            from rledit.chat import use_chat_template
-
-            use_chat_template(editor.tokenizer)
+        chat_template_flag(args, editor.tokenizer)
         if args.compare:
             print(comparison_table(editor.compare(args.prompt, args.max_new_tokens)))
             return 0
         texts = editor.generate(args.prompt, args.max_new_tokens)
     else:
         from rledit.eval.generation import greedy_decode
-        from rledit.models import load_model
 
-        loaded = load_model(args.model)
-        if args.chat_template:
-            from rledit.chat import use_chat_template
-
-            use_chat_template(loaded.tokenizer)
+        loaded = loaded_model(args)
         ids = greedy_decode(loaded.model, loaded.tokenizer, args.prompt, [args.max_new_tokens] * len(args.prompt))
         texts = [loaded.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
     for prompt, text in zip(args.prompt, texts):

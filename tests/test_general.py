@@ -13,13 +13,12 @@ from rledit.cli import main
 from rledit.eval.general import (
     SST2_LABELS,
     SST2_TEMPLATE,
-    continuation_logprobs,
     general_probe,
     load_sst2,
     perplexity,
     sst2_accuracy,
 )
-from rledit.tokens import text_ids
+from rledit.tokens import target_token_ids, text_ids
 
 
 def test_the_bundled_sst2_splits_are_whole_and_disjoint():
@@ -51,8 +50,14 @@ def test_sst2_accuracy_compares_the_two_label_words(tokenizer):
     model = tiny_model("llama").eval()
     rows = load_sst2("dev", 12)
     prompts = [SST2_TEMPLATE.format(sentence=r.text) for r in rows]
-    scores = [[s for s, _, _ in continuation_logprobs(model, tokenizer, prompts, [w] * len(rows))]
-              for w in SST2_LABELS]
+    def score(prompt, word):  # by hand: one unpadded row, the word's tokens after the prompt
+        prompt_part, word_ids = target_token_ids(tokenizer, prompt, word)
+        ids = torch.tensor([prompt_part + word_ids])
+        with torch.no_grad():
+            logprobs = model(input_ids=ids).logits[0].log_softmax(-1)
+        return float(logprobs[len(prompt_part) - 1:-1].gather(1, torch.tensor(word_ids)[:, None]).sum())
+
+    scores = [[score(p, w) for p in prompts] for w in SST2_LABELS]
     expected = 100 * sum(int(pos > neg) == r.label for r, neg, pos in zip(rows, *scores)) / len(rows)
     assert sst2_accuracy(model, tokenizer, limit=12) == pytest.approx(expected)
 
@@ -62,9 +67,9 @@ def test_bench_general_probes_unedited_on_the_curve_and_at_the_end(tokenizer, tm
 
     calls = []
 
-    def probe(model, tok, progress=False):
+    def probe(model, tok):
         calls.append(1)
-        return general_probe(model, tok, sst2_limit=16, text_limit=8, progress=progress)
+        return general_probe(model, tok, sst2_limit=16, text_limit=8)
 
     monkeypatch.setattr(bench, "general_probe", probe)
     model = tiny_model("llama")
@@ -88,7 +93,7 @@ def test_cli_bench_general_writes_the_scores_and_the_table(tiny_folder, tmp_path
     from rledit import bench
 
     monkeypatch.setattr(bench, "general_probe",
-                        lambda m, t, progress: general_probe(m, t, sst2_limit=8, text_limit=4, progress=progress))
+                        lambda m, t: general_probe(m, t, sst2_limit=8, text_limit=4))
     out = tmp_path / "runs"
     assert main(["bench", "--methods", "rledit,ultraedit", "--model", str(tiny_folder), "--steps", "1",
                  "--batch", "2", "--protocols", "zsre-token-acc@1", "--general", "--out", str(out)]) == 0
