@@ -29,7 +29,7 @@ TINY_HPARAMS = {
     "mend": {"lr_init": 1.0},
     "ultraedit": {"lr": 1e-2},
     "memit": {"stats_samples": 200, "v_lr": 0.1, "cov_weight": 10.0},
-    "alphaedit": {"stats_samples": 200, "v_lr": 0.1, "ridge": 1e-4, "nullspace_threshold": 1e-5},
+    "alphaedit": {"stats_samples": 200, "v_lr": 0.1, "ridge": 1e-4, "nullspace_threshold": 0.1},
 }
 METHODS = sorted(TINY_HPARAMS)
 

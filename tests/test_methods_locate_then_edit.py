@@ -4,6 +4,8 @@ their optimality conditions and the null-space property."""
 import contextlib
 import gzip
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +30,7 @@ from rledit.methods.memit import (
     load_corpus,
     load_or_compute_statistics,
 )
+from rledit.methods.memit.contexts import context_prefixes
 from rledit.methods.memit.stats import KeyStatistics
 from rledit.targets import find_blocks, resolve_targets
 from rledit.types import EditRequest
@@ -173,7 +176,7 @@ def test_nullspace_projection_keeps_the_small_eigen_directions():
 
 def test_alphaedit_update_lies_in_the_null_space_and_solves_the_projected_problem():
     name = "layer.down_proj"
-    method = AlphaEditMethod(AlphaEditHparams(nullspace_threshold=1e-2, ridge=0.5))
+    method = AlphaEditMethod(AlphaEditHparams(nullspace_rule="absolute", nullspace_threshold=1e-2, ridge=0.5))
     method.statistics, basis, eigenvalues = synthetic_statistics(5, name)
     method.after_statistics([type("Target", (), {"name": name})()])
     generator = torch.Generator().manual_seed(2)
@@ -220,7 +223,7 @@ def test_alphaedit_caches_edited_keys_across_steps_and_saves_them(tokenizer, tmp
 
 
 def test_alphaedit_refuses_an_empty_null_space(tokenizer):
-    with pytest.raises(UpdateError, match="no eigenvalue .* is below nullspace_threshold=1e-12"):
+    with pytest.raises(UpdateError, match="no eigen-direction .* is within nullspace_threshold=1e-12"):
         make_editor("alphaedit", tokenizer, nullspace_threshold=1e-12)
     assert TINY_HPARAMS["alphaedit"]["nullspace_threshold"] > 1e-12
 
@@ -246,3 +249,69 @@ def test_target_values_replay_the_blocks_below_exactly(tokenizer, kind, monkeypa
     for name, (u, v) in full.items():
         assert torch.allclose(replayed[name][0], u, atol=1e-5) and torch.allclose(replayed[name][1], v, atol=1e-5)
     assert "forward" not in lowest.__dict__  # the block computes again afterwards
+
+
+# ------------------------------------------------------------------------------------------- context prefixes
+def test_context_prefixes_are_sampled_once_per_model_and_setting_and_cached(tokenizer):
+    model = tiny_model("llama")
+    prefixes = context_prefixes(model, tokenizer, [[4, 3], [2, 2]], seed=0, top_k=5)
+    assert len(prefixes) == 6 and prefixes[0] == ""
+    assert all(p.endswith(". ") and "{" not in p for p in prefixes[1:])
+    starts = ["The", "Therefore", "Because", "The", "Therefore"]  # the starts in turn, per [tokens, count]
+    assert all(p.startswith(start) for p, start in zip(prefixes[1:], starts))
+    cached = sorted((Path(os.environ["RLEDIT_CACHE"]) / "contexts").glob("prefixes_*.json"))
+    assert len(cached) == 1
+    assert context_prefixes(model, tokenizer, [[4, 3], [2, 2]], seed=0, top_k=5) == prefixes  # read back
+    assert context_prefixes(model, tokenizer, [[4, 3], [2, 2]], seed=1, top_k=5) != prefixes
+    assert context_prefixes(model, tokenizer, [], seed=0, top_k=5) == [""]
+    assert len(sorted(cached[0].parent.glob("prefixes_*.json"))) == 2
+
+
+def test_edit_rows_read_the_subject_after_every_prefix(tokenizer):
+    requests = [EditRequest.from_dict(r) for r in REQUESTS]
+    prefixes = ["", "France is far. ", "Danielle Darrieux said so. "]  # the subject inside a prefix is skipped
+    batch, (rows, positions), owner = compute.edit_rows(tokenizer, requests, prefixes, None)
+    assert owner.tolist() == [0, 0, 0, 1, 1, 1]
+    assert compute.first_row_of_each(owner).tolist() == [0, 3]
+    for row, position, (request, prefix) in zip(rows, positions, [(r, p) for r in requests for p in prefixes]):
+        before = tokenizer.decode(batch.input_ids[row, batch.attention_mask[row].argmax():position + 1])
+        assert before.replace(" ", "").endswith((prefix + request.prompt).replace(" ", "")[
+            :(prefix + request.prompt).index(request.subject, len(prefix)) + len(request.subject)].replace(" ", ""))
+    means = compute.mean_per_edit(torch.arange(12.0).reshape(6, 2), owner)
+    assert means.tolist() == [[2.0, 3.0], [8.0, 9.0]]
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_keys_are_averaged_over_the_context_prefixes(tokenizer, method):
+    editor = make_editor(method, tokenizer, context_lengths=[[3, 2]])
+    prefixes = editor.method.prefixes
+    assert len(prefixes) == 3 and editor.method.setup_report()["context_prefixes"] == prefixes
+    requests = [EditRequest.from_dict(r) for r in REQUESTS]
+    seen = {}
+    editor.method.after_step = lambda keys: seen.update(keys)
+    editor.method.compute_step(editor.model, tokenizer, editor.targets, requests)
+    lowest = min(editor.targets, key=lambda t: t.layer)  # nothing pending below it: keys on the unedited model
+    batch, subject, owner = compute.edit_rows(tokenizer, requests, prefixes, None)
+    assert owner.tolist() == [0, 0, 0, 1, 1, 1]
+    block = find_blocks(editor.model)[max(t.layer for t in editor.targets)][1]
+    row_keys, _ = compute.keys_and_outputs(editor.model, batch, subject, lowest.module, block)
+    expected = torch.stack([row_keys[0:3].mean(0), row_keys[3:6].mean(0)])
+    assert torch.allclose(seen[lowest.name], expected, atol=1e-6)
+    bare = make_editor(method, tokenizer, context_lengths=[])
+    assert bare.method.prefixes == [""]
+
+
+def test_nullspace_rules_energy_share_largest_eigenvalue_and_absolute():
+    stats, basis, _ = synthetic_statistics(5, "m")  # eigenvalues 4, 2, 1e-3, 5e-4, 1e-4 (trace 6.0016)
+    moment = stats.second_moments["m"]
+    assert nullspace_projection(moment, 1e-3, rule="largest")[1] == 3  # below 4e-3
+    projection, dim = nullspace_projection(moment, 2e-4, rule="largest")  # below 8e-4
+    assert dim == 2 and torch.allclose(projection, basis[:, 3:] @ basis[:, 3:].T, atol=1e-10)
+    assert nullspace_projection(moment, 1.6e-3 / 6.0016 + 1e-9, rule="energy")[1] == 3  # 1e-4 + 5e-4 + 1e-3
+    assert nullspace_projection(moment, 1.5e-3 / 6.0016, rule="energy")[1] == 2
+    method = AlphaEditMethod(AlphaEditHparams(nullspace_rule="absolute", nullspace_threshold=6e-4))
+    method.statistics = stats
+    method.after_statistics([type("Target", (), {"name": "m"})()])
+    assert method.nullspace_dims == {"m": 2}
+    with pytest.raises(ValueError, match="must be < 1 with nullspace_rule 'energy'"):
+        AlphaEditHparams(nullspace_threshold=2.0)

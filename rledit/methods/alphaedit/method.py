@@ -4,8 +4,8 @@
     ΔW = (P (KᵀK + K_pᵀK_p) + λ I)⁻¹ P Kᵀ R          returned as factors U = (…)⁻¹ P Kᵀ (d_in × B), V = R
 
 * P = Û Ûᵀ projects onto the null space of the preserved keys: Û are the eigenvectors of the corpus key second
-  moment C = E[k kᵀ] whose eigenvalues are below ``nullspace_threshold``. Since U = P(…) lies in the range of
-  P, k ΔW ≈ 0 for the keys the corpus stands for: the update leaves preserved knowledge (nearly) untouched,
+  moment C = E[k kᵀ] with the smallest eigenvalues: by default those that together hold at most
+  ``nullspace_threshold`` of C's trace (``nullspace_rule``). Since U = P(…) lies in the range of P, k ΔW ≈ 0 for the keys the corpus stands for: the update leaves preserved knowledge (nearly) untouched,
   which is why AlphaEdit needs no covariance weight.
 * K_pᵀK_p is the running cache of the keys edited by earlier steps (summed Gram matrices, a
   :class:`rledit.methods.memory.KeyMemory`), so a new step also keeps the outputs of earlier edited keys; it
@@ -31,11 +31,22 @@ from rledit.methods.memory import KeyMemory
 from rledit.targets import EditTarget
 
 
-def nullspace_projection(second_moment: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+def nullspace_projection(second_moment: torch.Tensor, threshold: float,
+                         rule: str = "absolute") -> tuple[torch.Tensor, int]:
     """P = Û Ûᵀ (same dtype and device as ``second_moment``) for the eigenvectors Û of the symmetric
-    ``second_moment`` with eigenvalues below ``threshold``, and the null-space dimension (columns of Û)."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(second_moment)
-    basis = eigenvectors[:, eigenvalues < threshold]
+    ``second_moment`` with the smallest eigenvalues, and the null-space dimension (columns of Û). Which
+    directions count (``rule``, see :class:`AlphaEditHparams`): ``"energy"``: the smallest ones whose
+    eigenvalues sum to at most ``threshold`` of the trace; ``"largest"``: eigenvalues below ``threshold`` times
+    the largest one; ``"absolute"``: eigenvalues below ``threshold``."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(second_moment)  # ascending
+    if rule == "energy":
+        share = torch.cumsum(eigenvalues.clamp(min=0), 0) / eigenvalues.clamp(min=0).sum().clamp_min(1e-300)
+        basis = eigenvectors[:, share <= threshold]
+    elif rule in ("largest", "absolute"):
+        cut = threshold * float(eigenvalues[-1]) if rule == "largest" else threshold
+        basis = eigenvectors[:, eigenvalues < cut]
+    else:
+        raise ValueError(f"unknown null-space rule {rule!r}; use 'energy', 'largest' or 'absolute'")
     return basis @ basis.T, basis.shape[1]
 
 
@@ -54,16 +65,19 @@ class AlphaEditMethod(LocateThenEditMethod):
 
     def after_statistics(self, targets: Sequence[EditTarget]) -> None:
         """Build each module's null-space projection and an empty cache of edited keys."""
-        threshold = self.hparams.nullspace_threshold
+        threshold, rule = self.hparams.nullspace_threshold, self.hparams.nullspace_rule
         for target in targets:
             second_moment = self.statistics.second_moments[target.name]
-            projection, dim = nullspace_projection(second_moment, threshold)
+            projection, dim = nullspace_projection(second_moment, threshold, rule)
             if dim == 0:
-                smallest = float(torch.linalg.eigvalsh(second_moment)[0])
+                eigenvalues = torch.linalg.eigvalsh(second_moment).clamp(min=0)
+                smallest = {"energy": eigenvalues[0] / eigenvalues.sum(), "largest": eigenvalues[0] / eigenvalues[-1],
+                            "absolute": eigenvalues[0]}[rule]
                 raise UpdateError(
-                    f"{self.name}: no eigenvalue of the key second moment of {target.name} is below "
-                    f"nullspace_threshold={threshold:g} (the smallest is {smallest:.3g}), so there is no null "
-                    "space to project the update onto; raise method.nullspace_threshold"
+                    f"{self.name}: no eigen-direction of the key second moment of {target.name} is within "
+                    f"nullspace_threshold={threshold:g} (rule {rule!r}: the smallest eigenvalue gives "
+                    f"{float(smallest):.3g}), so there is no null space to project the update onto; raise "
+                    "method.nullspace_threshold"
                 )
             self.projections[target.name] = projection
             self.nullspace_dims[target.name] = dim

@@ -26,7 +26,7 @@ from torch import nn
 from rledit.chat import chat_framing
 from rledit.methods.memit.config import LocateEditHparams
 from rledit.methods.runtime import frozen_model
-from rledit.tokens import TokenBatch, answer_logits, text_ids
+from rledit.tokens import TokenBatch, answer_logits, encode, text_ids
 from rledit.types import EditRequest, EditRequestError
 
 
@@ -46,13 +46,14 @@ def check_subjects(requests: Sequence[EditRequest], method: str) -> None:
             )
 
 
-def subject_last_token(tokenizer: Any, text: str, subject: str) -> int:
+def subject_last_token(tokenizer: Any, text: str, subject: str, search_from: int = 0) -> int:
     """Index of the subject's last token among the prompt tokens of ``text`` that :func:`rledit.tokens.encode`
-    uses (:func:`rledit.tokens.prompt_ids`). The first occurrence of the subject counts (exact case first)."""
+    uses (:func:`rledit.tokens.prompt_ids`). The first occurrence of the subject from character
+    ``search_from`` on counts (exact case first); a context prefix before the prompt is skipped so."""
     text, subject = text.rstrip(), subject.strip()
-    start = text.find(subject)
+    start = text.find(subject, search_from)
     if start < 0:
-        start = text.lower().find(subject.lower())
+        start = text.lower().find(subject.lower(), search_from)
     if start < 0:
         raise EditRequestError(f"subject {subject!r} does not occur in {text!r}")
     end = start + len(subject)
@@ -150,13 +151,19 @@ def replayed_blocks(blocks: Sequence[nn.Module], outputs: Sequence[Any]) -> Iter
 
 def optimise_target_values(model: nn.Module, blocks: Sequence[nn.Module], edit_batch: TokenBatch,
                            edit_subject: tuple[torch.Tensor, torch.Tensor], kl_batch: TokenBatch,
-                           kl_subject: tuple[torch.Tensor, torch.Tensor],
-                           hp: LocateEditHparams) -> tuple[torch.Tensor, dict[str, list[float]]]:
+                           kl_subject: tuple[torch.Tensor, torch.Tensor], hp: LocateEditHparams,
+                           owner: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, list[float]]]:
     """Target values z (B, hidden), fp32, at the output of ``blocks[-1]`` (the last edited layer's block; the
     blocks before it in ``blocks``: every block below it) for each edit, and the optimisation's trace (``nll``:
-    mean target cross-entropy before each step). See the module docstring."""
+    mean target cross-entropy before each step). See the module docstring.
+
+    ``owner[row]`` is the edit each row of ``edit_batch`` belongs to (its prompt after each context prefix,
+    the bare prompt first: :func:`edit_rows`); an edit's δ is shared by its rows, its loss is their mean, and
+    z = h + δ with h from its first row. None: one row per edit. ``kl_batch`` has one row per edit."""
     block = blocks[-1]
     device = next(model.parameters()).device
+    owner = torch.arange(edit_batch.input_ids.shape[0]) if owner is None else owner
+    first_rows = first_row_of_each(owner)
     seen: dict[str, torch.Tensor] = {}
     trace: dict[str, list[float]] = {"nll": []}
     kl_outputs: list[Any] = []
@@ -166,14 +173,16 @@ def optimise_target_values(model: nn.Module, blocks: Sequence[nn.Module], edit_b
             kl_reference = last_token_log_probs(model, kl_batch)
         with torch.no_grad(), shifted_block(block, *edit_subject, None, seen), recorded_blocks(blocks, edit_outputs):
             answer_logits(model, edit_batch)
-        h = seen["before"].to(device)
+        h = seen["before"][first_rows].to(device)
         h_norm = h.norm(dim=1, keepdim=True).clamp_min(1e-8)
         delta = torch.zeros_like(h, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
         with torch.enable_grad():
             for _ in range(hp.v_steps):
-                with shifted_block(block, *edit_subject, delta, seen), replayed_blocks(blocks, edit_outputs):
-                    nll = per_row_target_nll(answer_logits(model, edit_batch), edit_batch)
+                with shifted_block(block, *edit_subject, delta[owner.to(device)], seen), \
+                        replayed_blocks(blocks, edit_outputs):
+                    row_nll = per_row_target_nll(answer_logits(model, edit_batch), edit_batch)
+                nll = mean_per_edit(row_nll, owner)
                 trace["nll"].append(float(nll.detach().mean()))
                 if bool((nll.detach() < hp.early_stop_loss).all()):
                     break
@@ -189,6 +198,34 @@ def optimise_target_values(model: nn.Module, blocks: Sequence[nn.Module], edit_b
                     limit = hp.clamp_norm_factor * h_norm
                     delta.mul_((limit / delta.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
     return h + delta.detach(), trace
+
+
+def edit_rows(tokenizer: Any, requests: Sequence[EditRequest], prefixes: Sequence[str],
+              max_length: int | None) -> tuple[TokenBatch, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The batch of every edit's prompt after each of ``prefixes`` (``""`` first: the bare prompt), edit by
+    edit, with the target appended (left padding); the subject's last-token positions in it; and each row's
+    edit (``owner``)."""
+    texts = [prefix + request.prompt for request in requests for prefix in prefixes]
+    batch = encode(tokenizer, texts, [r.target_new for r in requests for _ in prefixes], max_length=max_length,
+                   padding_side="left")
+    tokens = [subject_last_token(tokenizer, prefix + r.prompt, r.subject, len(prefix))
+              for r in requests for prefix in prefixes]
+    owner = torch.arange(len(requests)).repeat_interleave(len(prefixes))
+    return batch, subject_positions(batch, tokens), owner
+
+
+def first_row_of_each(owner: torch.Tensor) -> torch.Tensor:
+    """For each edit 0..E-1, the index of its first row in ``owner`` (rows grouped by edit, in order)."""
+    counts = torch.bincount(owner)
+    return torch.cumsum(counts, 0) - counts
+
+
+def mean_per_edit(rows: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """The mean of ``rows`` (R, ...) over the rows of each edit (E, ...)."""
+    owner = owner.to(rows.device)
+    counts = torch.bincount(owner).to(rows.dtype).reshape(-1, *([1] * (rows.dim() - 1)))
+    totals = torch.zeros((len(counts), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    return totals.index_add(0, owner, rows) / counts
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ preserved-key covariance.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -37,6 +37,13 @@ class LocateEditHparams:
             "essence") unchanged while δ is optimised.
         kl_prompt: the essence prompt, ``{}`` standing for the subject.
         early_stop_loss: δ's optimisation stops once every edit's target cross-entropy is below this.
+        context_lengths: the context prefixes (:mod:`rledit.methods.memit.contexts`): ``[tokens, count]``
+            pairs, each asking for ``count`` texts of ``tokens`` tokens sampled from the model. Every edit's key
+            is averaged over its bare prompt and the prompt after each prefix, and δ is optimised on all of
+            them. The published MEMIT/AlphaEdit setting is ``[[10, 5]]`` (five 10-token prefixes); ``[]``
+            uses the bare prompt only, as the committed rows under ``benchmarks/results/bare-prompts/`` do.
+        context_seed: seed of the prefixes' sampling.
+        context_top_k: the prefixes are sampled from the model's ``context_top_k`` most likely next tokens.
     """
 
     corpus: str = "sst2"
@@ -52,9 +59,16 @@ class LocateEditHparams:
     kl_factor: float = 0.0625
     kl_prompt: str = "{} is a"
     early_stop_loss: float = 0.05
+    context_lengths: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    context_seed: int = 0
+    context_top_k: int = 5
 
     def __post_init__(self) -> None:
-        for name in ("stats_samples", "stats_max_length", "stats_batch_size", "v_steps"):
+        for pair in self.context_lengths:
+            if len(pair) != 2 or min(pair) < 1:
+                raise ValueError(f"context_lengths must hold [tokens, count] pairs of positive integers (e.g. "
+                                 f"[[10, 5]]; [] for the bare prompt only), got {self.context_lengths}")
+        for name in ("stats_samples", "stats_max_length", "stats_batch_size", "v_steps", "context_top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("v_lr", "clamp_norm_factor"):

@@ -1,12 +1,15 @@
 """MEMIT (locate-then-edit) and the step machinery it shares with AlphaEdit.
 
-One edit step, for edited MLP output projections at layers l_1 < … < l_L (ALGORITHM.md §7):
+One edit step, for edited MLP output projections at layers l_1 < … < l_L (ALGORITHM.md §7). Each request is
+read as its bare prompt and as the prompt after each context prefix, short texts the model wrote
+(:mod:`rledit.methods.memit.contexts`, ``context_lengths``):
 
-1. target values: for each request, z = h + δ at the output of block l_L at the subject's last token, with δ
-   optimised so that the target is predicted (:func:`rledit.methods.memit.compute.optimise_target_values`);
+1. target values: for each request, z = h + δ at the output of block l_L at the subject's last token (h from
+   the bare prompt), with one δ, added at that token of every prefixed prompt, optimised so that the target is
+   predicted after all of them (:func:`rledit.methods.memit.compute.optimise_target_values`);
 2. for each edited layer l_i in ascending order, with the updates of the layers below it applied (pending):
-   keys K (B × d_in, the module's inputs at the subject's last token), the current block-l_L outputs H, and the
-   layer's share of what is missing, R = (Z - H) / (L - i + 1);
+   keys K (B × d_in, the module's inputs at the subject's last token, averaged over the prefixes), the current
+   block-l_L outputs H (bare prompt), and the layer's share of what is missing, R = (Z - H) / (L - i + 1);
 3. a solve per layer. MEMIT: ΔW = (λ·C + KᵀK)⁻¹ Kᵀ R with C = E[k kᵀ] on the corpus (see
    :mod:`rledit.methods.memit.stats`), returned as factors U = (λ·C + KᵀK)⁻¹ Kᵀ (d_in × B) and V = R.
 
@@ -27,12 +30,16 @@ from torch import nn
 from rledit.methods.base import EditMethod, Factors, StepFeaturesLike, UpdateError, register_method
 from rledit.methods.memit.compute import (
     check_subjects,
+    edit_rows,
+    first_row_of_each,
     keys_and_outputs,
+    mean_per_edit,
     optimise_target_values,
     subject_last_token,
     subject_positions,
 )
 from rledit.methods.memit.config import LocateEditHparams, MEMITHparams
+from rledit.methods.memit.contexts import context_prefixes
 from rledit.methods.memit.stats import KeyStatistics, load_or_compute_statistics
 from rledit.methods.runtime import temporary_store
 from rledit.targets import EditTarget, TargetError, architecture_of, find_blocks
@@ -75,6 +82,7 @@ class LocateThenEditMethod(EditMethod):
         self.statistics: KeyStatistics | None = None
         self.setup_seconds = 0.0  # duration of the last prepare(): statistics computed or read, plus set-up
         self.last_trace: dict[str, list[float]] = {}  # the target-value optimisation of the last step
+        self.prefixes: list[str] = [""]  # context prefixes ("" = the bare prompt), made in prepare()
 
     def prepare(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget]) -> None:
         """Check the edited modules, then compute or load the corpus key statistics (timed)."""
@@ -85,6 +93,7 @@ class LocateThenEditMethod(EditMethod):
             model, tokenizer, targets, hp.corpus, hp.stats_samples, hp.stats_max_length, hp.stats_batch_size,
             hp.corpus_split, hp.corpus_column)
         self.after_statistics(targets)
+        self.prefixes = context_prefixes(model, tokenizer, hp.context_lengths, hp.context_seed, hp.context_top_k)
         self.setup_seconds = time.perf_counter() - start
 
     def setup_report(self) -> dict[str, Any]:
@@ -94,7 +103,8 @@ class LocateThenEditMethod(EditMethod):
             return {}
         stats = self.statistics
         return {"statistics": {"file": str(stats.path), "cached": stats.cached, "n_texts": stats.n_texts,
-                               "n_tokens": stats.n_tokens, "compute_seconds": round(stats.compute_seconds, 3)}}
+                               "n_tokens": stats.n_tokens, "compute_seconds": round(stats.compute_seconds, 3)},
+                "context_prefixes": list(self.prefixes)}
 
     def after_statistics(self, targets: Sequence[EditTarget]) -> None:
         """Set-up that needs the statistics (AlphaEdit's projections). Default: nothing."""
@@ -122,24 +132,22 @@ class LocateThenEditMethod(EditMethod):
         ordered = sorted(targets, key=lambda t: t.layer)
         below = [module for layer, (_, module) in find_blocks(model).items() if layer <= ordered[-1].layer]
         block = below[-1]
-        edit_batch = encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
-                            max_length=context_length(model), padding_side="left")
+        edit_batch, edit_subject, owner = edit_rows(tokenizer, requests, self.prefixes, context_length(model))
+        first_rows = first_row_of_each(owner)
         kl_texts = [hp.kl_prompt.format(r.subject.strip()) for r in requests]
         kl_batch = encode(tokenizer, kl_texts, padding_side="left")
-        edit_subject = subject_positions(
-            edit_batch, [subject_last_token(tokenizer, r.prompt, r.subject) for r in requests])
         kl_subject = subject_positions(
             kl_batch, [subject_last_token(tokenizer, t, r.subject) for t, r in zip(kl_texts, requests)])
         values, self.last_trace = optimise_target_values(model, below, edit_batch, edit_subject, kl_batch,
-                                                         kl_subject, hp)
+                                                         kl_subject, hp, owner)
         updates: dict[str, Factors] = {}
         keys: dict[str, torch.Tensor] = {}
         with temporary_store(model, targets) as store:
             for i, target in enumerate(ordered):
                 with store.pending(updates) if updates else nullcontext():
-                    keys[target.name], outputs = keys_and_outputs(model, edit_batch, edit_subject, target.module,
-                                                                  block)
-                residuals = (values - outputs) / (len(ordered) - i)
+                    row_keys, row_outputs = keys_and_outputs(model, edit_batch, edit_subject, target.module, block)
+                keys[target.name] = mean_per_edit(row_keys, owner)  # each edit's key: the mean over its prefixes
+                residuals = (values - row_outputs[first_rows.to(row_outputs.device)]) / (len(ordered) - i)
                 updates[target.name] = self.solve(target.name, keys[target.name], residuals)
         self.after_step(keys)
         return updates
