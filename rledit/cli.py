@@ -134,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="what is available: methods, protocols, shipped editors, model presets")
     listing.set_defaults(handler=_list)
 
+    plan = sub.add_parser("plan", help="memory on paper: model, editor, one step and the delta store for a preset",
+                          formatter_class=DefaultsHelpFormatter)
+    plan.add_argument("--model", nargs="+", required=True, help="model presets (hparams/models) or YAML files; "
+                                                                 "'all' for every preset")
+    plan.add_argument("--hparams", default=None, help="a YAML file whose method section is the RLEdit editor "
+                                                      "(default: hparams/methods/rledit.yaml)")
+    plan.add_argument("--steps", type=int, default=50, help="edit steps T the delta store holds")
+    plan.add_argument("--batch", type=int, default=20, help="edits per step")
+    plan.add_argument("--prompt-tokens", type=int, default=16, help="prompt tokens per edit")
+    plan.add_argument("--answer-tokens", type=int, default=4, help="answer tokens per edit")
+    plan.set_defaults(handler=_plan)
+
     try:
         from rledit.worlds.cli import add_worlds_parser
     except ImportError:  # the worlds extra is optional at import time
@@ -202,9 +214,7 @@ def _train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_hparams(hparams, out / "hparams.yaml")
     method = hparams.method
-    editor = Editor.from_pretrained(hparams.model.name, method=method.name, hparams=method,
-                                    layers=hparams.model.layers, modules=hparams.model.modules,
-                                    dtype=hparams.model.dtype, device=hparams.model.device)
+    editor = Editor.from_model_hparams(hparams.model, method)
     requests = load_requests(method.train.train_data, "train", limit=args.limit)
     trainer = RLEditTrainer(editor, requests, out, hparams_source=str(args.hparams), init_from=args.init)
     final = trainer.train(resume=args.resume)
@@ -233,6 +243,22 @@ def _check_same_run(saved: Any, given: Any, out: Path) -> None:
         raise ValueError(f"--resume: {out} was started with other hparams ({details}); resume with the same "
                          f"--hparams and --set (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or start "
                          "a new run with --init")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from rledit.hparams import load_section
+    from rledit.plan import load_preset, plan_memory, plan_presets
+
+    for name, value in (("steps", args.steps), ("batch", args.batch), ("answer-tokens", args.answer_tokens)):
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    method = load_section(args.hparams, "method") if args.hparams else None
+    presets = plan_presets() if args.model == ["all"] else args.model
+    for preset in presets:
+        plan = plan_memory(load_preset(preset), method, steps=args.steps, batch=args.batch,
+                           prompt_tokens=args.prompt_tokens, answer_tokens=args.answer_tokens, name=preset)
+        print(plan.table() + "\n")
+    return 0
 
 
 def _list(args: argparse.Namespace) -> int:

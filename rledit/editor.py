@@ -198,9 +198,22 @@ class Editor:
         from rledit.hparams import load_hparams
 
         hparams = load_hparams(path, overrides)
-        model = hparams.model
-        return cls.from_pretrained(model.name, method=hparams.method.name, hparams=hparams.method,
-                                   layers=model.layers, modules=model.modules, dtype=model.dtype, device=model.device)
+        return cls.from_model_hparams(hparams.model, hparams.method)
+
+    @classmethod
+    def from_model_hparams(cls, model_hparams: Any, method_hparams: Any) -> Editor:
+        """An editor for the model a :class:`rledit.hparams.ModelHparams` section describes (a preset of
+        ``hparams/models``), editing with ``method_hparams``; a model that does not match the preset's
+        ``architecture`` is refused before anything else is set up."""
+        from rledit.models import load_model
+
+        loaded = load_model(model_hparams.name, dtype=model_hparams.dtype, device=model_hparams.device)
+        model_hparams.check_model(loaded.model)
+        editor = cls.from_pretrained(loaded.model, method=method_hparams.name, hparams=method_hparams,
+                                     tokenizer=loaded.tokenizer, layers=model_hparams.layers,
+                                     modules=model_hparams.modules)
+        editor.model_name = loaded.name  # the alias or hub id, as from_pretrained(name) records it
+        return editor
 
     # ------------------------------------------------------------------------------------------ editing
     def apply(self, edits: EditRequest | Mapping | Sequence[EditRequest | Mapping]) -> EditStep:

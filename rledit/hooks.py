@@ -139,14 +139,18 @@ def capture_bytes(model: nn.Module, targets: Sequence[EditTarget], batch: TokenB
     For models with a Hugging Face config (hidden size, layers, intermediate size, vocabulary); for other
     modules only the features are counted.
     """
+    return capture_bytes_for(model, targets, int(batch.input_ids.numel()), batch.n_answer_tokens)
+
+
+def capture_bytes_for(model: nn.Module, targets: Sequence[EditTarget], positions: int, answers: int) -> int:
+    """:func:`capture_bytes` for a batch of ``positions`` tokens in all (padding included), ``answers`` of them
+    answer tokens (also for a model on the meta device: :mod:`rledit.plan`)."""
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 0
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     vocab = getattr(config, "vocab_size", None) or 0
     element = next(model.parameters()).element_size()
-    positions = int(batch.input_ids.numel())
-    answers = batch.n_answer_tokens
     # weights need no gradient, so only the layers from the first edited one on keep their activations
     first = min((t.layer for t in targets if isinstance(t.layer, int)), default=0)
     kept_layers = max(1, layers - first) if layers else 0

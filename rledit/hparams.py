@@ -72,6 +72,9 @@ class ModelHparams:
             None: the architecture's default layers.
         modules: MLP module names edited in each layer, e.g. ``[gate_proj, up_proj]``; None: the default.
         device: ``cpu``, ``cuda``, ``cuda:1``; None: the model loader's choice.
+        architecture: the Hugging Face config fields of the model a preset was written for (``model_type`` and
+            its sizes), or None. With it, a loaded model of another architecture is refused before any work
+            (:meth:`check_model`), and ``rledit plan`` builds the model on the meta device offline.
     """
 
     name: str = "smollm2-135m"
@@ -79,6 +82,24 @@ class ModelHparams:
     layers: list[int | str] | None = None
     modules: list[str] | None = None
     device: str | None = None
+    architecture: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.architecture is not None and not isinstance(self.architecture.get("model_type"), str):
+            raise ValueError("architecture must name its model_type (e.g. model_type: llama)")
+
+    def check_model(self, model: Any) -> None:
+        """Raise :class:`HparamsError` unless ``model``'s config has every field of :attr:`architecture` with
+        the same value (nothing to check without one)."""
+        if not self.architecture:
+            return
+        config = getattr(model, "config", None)
+        wrong = {key: (value, getattr(config, key, None)) for key, value in self.architecture.items()
+                 if getattr(config, key, None) != value}
+        if wrong:
+            details = ", ".join(f"{key} {want!r} (the model has {got!r})" for key, (want, got) in wrong.items())
+            raise HparamsError(f"the model preset for {self.name!r} expects {details}: this model has another "
+                               "architecture; use its own preset, or drop model.architecture")
 
 
 @dataclass

@@ -297,7 +297,8 @@ def test_save_and_load_round_trip(tree, tmp_path):
 def test_digest_is_the_hash_of_canonical_json():
     hp = from_dict(Hparams, {"method": {"name": "toy-sgd", "lr_init": "1e-4"}, "experiment": {"seed": 3}}, "x")
     expected = {
-        "model": {"name": "smollm2-135m", "dtype": "float32", "layers": None, "modules": None, "device": None},
+        "model": {"name": "smollm2-135m", "dtype": "float32", "layers": None, "modules": None, "device": None,
+                  "architecture": None},
         "method": {"name": "toy-sgd", "lr_init": 0.0001, "steps": 3, "flag": False, "mode": "a", "tags": [],
                    "scales": {}, "inner": {"depth": 2, "width": 8}, "note": None, "maybe_mode": None},
         "data": {"dataset": "zsre", "split": "eval", "limit": None},
