@@ -96,3 +96,30 @@ for data in zsre counterfact; do
   .venv/bin/rledit eval --model smollm2-135m --data $data --split eval --limit 200 --protocols "${protocols[@]}" \
     --chat-template --out benchmarks/results/chat-template/$data-chat.json
 done
+
+# The same rule (6 edit passes, beta 1, C_0 alpha 600) with the MALMEN-style editor and the untrained one: does the
+# RL objective earn its place? (the MALMEN editor's scalars re-set exactly as zsre-retuned-passes' were)
+retune smollm2-135m-zsre-malmen "$MEMORY, \"passes\": 6, \"refine\": \"gradient\", \"scale\": {\"ridge\": 0.1, \"alpha\": 0.6, \"beta\": 1.0}}" passes malmen-retuned-passes
+bench "${V2[@]}" --methods malmen:benchmarks/results/training/malmen-retuned-passes \
+  --label "malmen:malmen-retuned-passes (same rule: 6 passes, beta 1, alpha 600)"
+bench "${V2[@]}" --methods rledit --set method.lr_init=0.045 method.lambda_init=-2.12 method.memory_init=1.0 \
+  method.corpus_init=600.0 method.corpus=zsre-train-questions method.stats_samples=4000 method.passes=6 method.refine=gradient \
+  --label "rledit+passes (untrained, same rule: 6 passes, beta 1, alpha 600)"
+
+# Ablation at 1,000 zsRE edits (benchmarks/results/ablation-zsre-1000/README.md): the zsre-retuned-passes editor
+# without its key memory, and without C_0
+ABL=(--data zsre --steps 50 --batch 20 --timing end --protocols zsre-token-acc@2 zsre-token-acc@1 --out benchmarks/results/ablation-zsre-1000)
+bench "${ABL[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-passes --set method.memory_init=0.0 \
+  --label "zsre-retuned-passes without the key memory (beta 0)"
+bench "${ABL[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-passes --set method.corpus_init=0.0 \
+  --label "zsre-retuned-passes without C_0 (alpha 0)"
+
+# MEMIT and AlphaEdit as published: context prefixes (five 10-token texts the model writes), AlphaEdit's null space
+# holding 5 % of the corpus keys' energy (benchmarks/results/context-prefixes/README.md)
+.venv/bin/python benchmarks/context_prefix_check.py --out benchmarks/results/context-prefixes
+.venv/bin/python benchmarks/context_prefix_check.py --set v_lr=1.5 --out benchmarks/results/context-prefixes/v_lr-1.5
+.venv/bin/python benchmarks/context_prefix_check.py --set "context_lengths=[[5, 10], [10, 10]]" \
+  --out benchmarks/results/context-prefixes/twenty-prefixes
+FAITHFUL=(--data zsre --steps 10 --batch 20 --eval-every 5 --protocols zsre-token-acc@1 --out benchmarks/results/zsre-10x20-faithful)
+bench "${FAITHFUL[@]}" --methods alphaedit --layers 18 19 20 21
+bench "${FAITHFUL[@]}" --methods memit --layers 18 19 20 21

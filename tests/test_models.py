@@ -287,3 +287,15 @@ def test_a_device_map_that_offloads_an_edited_module_is_refused(tiny_folder, tmp
         load_model(tiny_folder, device="cpu", device_map="auto")
     with pytest.raises(EditorError, match="apply to a model given by name"):
         Editor.from_pretrained(tiny_model("llama"), tokenizer=tiny_tokenizer(), device_map="auto")
+
+
+def test_the_editor_device_is_a_setting(tiny_folder):
+    from rledit.editor import Editor
+    from rledit.hparams import HparamsError
+
+    editor = Editor.from_pretrained(tiny_folder, hparams={"device": "cpu", "memory_init": 1.0}, layers=[2, 3])
+    assert editor.method.hypernet.log_lr.device.type == "cpu" and editor.method.memory.device.type == "cpu"
+    editor.apply({"prompt": "The capital city of France is", "target_new": "Berlin"})
+    assert len(editor.method.memory) == 1
+    with pytest.raises((HparamsError, ValueError), match="device must name a torch device"):
+        Editor.from_pretrained(tiny_folder, hparams={"device": "gpu:zero"}, layers=[2, 3])

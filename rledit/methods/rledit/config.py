@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 NORMALIZER_MODES = ("frozen", "lifelong")
 LOC_REFERENCES = ("previous", "unedited")
 BACKTRACKING = ("window", "sampled")
@@ -144,6 +146,10 @@ class RLEditHparams:
             in pass 1) or "gradient" (the plain gradient-like shifts d_i = -lr·||k_i||²·g_i with the module's
             learned step size: the network was trained on first-pass features, and on the small residual
             gradients of later passes its output keeps a bias that adds up over passes).
+        device: where the hypernetwork, its key memory and C_0 live and the solve runs, e.g. ``cuda:0``
+            (None: the device of the model's first parameter). Features come to it from each edited module's
+            device and the factors go back to that module's device, so a model placed across devices with a
+            device map can keep the editor on one of them.
     """
 
     name: str = "rledit"
@@ -158,6 +164,7 @@ class RLEditHparams:
     stats_samples: int = 2000
     passes: int = 1
     refine: Literal["network", "gradient"] = "network"
+    device: str | None = None
     train: TrainHparams = field(default_factory=TrainHparams)
 
     def __post_init__(self) -> None:
@@ -169,6 +176,12 @@ class RLEditHparams:
         for name in ("memory_init", "corpus_init"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0 (0 turns the term off), got {getattr(self, name)}")
         _require(self.passes >= 1, f"passes must be >= 1, got {self.passes}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda:0', got "
+                                 f"{self.device!r} ({exc})") from None
         _require(self.refine in REFINE, f"refine must be one of {REFINE}, got {self.refine!r}")
         _require(self.stats_samples >= 1, f"stats_samples must be >= 1, got {self.stats_samples}")
         _require(

@@ -101,9 +101,9 @@ class RLEditMethod(EditMethod):
         """Build the hypernetwork for ``targets`` (or check that the loaded one fits them) on the model's
         device, an empty key memory when the solve uses one, and the corpus statistics C_0 when it uses them."""
         net = self.build({t.name: t.shape for t in targets})
-        device = next(model.parameters()).device
-        net.to(device)
         hp = self.hparams
+        device = torch.device(hp.device) if getattr(hp, "device", None) else next(model.parameters()).device
+        net.to(device)
         if getattr(hp, "memory_init", 0) > 0:  # MEND (a subclass) has no solve and no such settings
             self.memory = KeyMemory(net.module_shapes, device)
         if getattr(hp, "corpus_init", 0) > 0:
