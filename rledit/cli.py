@@ -281,10 +281,12 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from rledit import distributed
     from rledit.data import dataset_file, load_requests
     from rledit.eval import evaluate, write_results
     from rledit.files import file_sha256
 
+    distributed.start()  # scoring is shared out when launched as several processes
     requests = load_requests(args.data, args.split, limit=args.limit)
     data_file = dataset_file(args.data, args.split)
     data = {"source": args.data, "split": args.split, "limit": args.limit, "file": str(data_file),
@@ -318,13 +320,17 @@ def _eval(args: argparse.Namespace) -> int:
         meta = {"model": loaded.name, "model_revision": loaded.revision, "seed": None, "data": data}
         what = f"unedited {loaded.name}"
     tokenizer = editor.tokenizer if args.editor else loaded.tokenizer
-    summary, records = write_results(args.out, result, meta | {"chat_template": _framed(tokenizer)})
+    if not distributed.is_main():
+        return 0
+    summary, records = write_results(args.out, result, meta | {"chat_template": _framed(tokenizer),
+                                                               "processes": distributed.world()[1]})
     print(format_metrics(result.metrics, f"{what} on {len(requests)} {args.data} records"))
     print(f"summary: {summary}\nper-example records: {records}")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from rledit import distributed
     from rledit.bench import check_spec, run_benchmark
     from rledit.bench_report import markdown_table, write_run
 
@@ -339,19 +345,26 @@ def _bench(args: argparse.Namespace) -> int:
     for spec in specs:
         spec.general = args.general
     requests = [check_spec(spec) for spec in specs]  # every error before any work
+    distributed.start()  # every process runs the edits, the scoring is shared out
+    main = distributed.is_main()
     loaded = loaded_model(args)
     summaries = []
     baseline = general = None  # the unedited scores, shared by every method on the same stream
     for spec, spec_requests in zip(specs, requests):
-        print(f"== {spec.name}: {spec.steps} x {spec.batch} {spec.data} edits, timing {spec.timing}")
+        if main:
+            print(f"== {spec.name}: {spec.steps} x {spec.batch} {spec.data} edits, timing {spec.timing}")
         summary, result = run_benchmark(loaded.model, loaded.tokenizer, loaded.name, spec, spec_requests,
                                         baseline=baseline, general_unedited=general)
         baseline, general = result.baseline, summary.get("general", {}).get("unedited")
         summary["model_revision"] = loaded.revision
-        path = Path(args.out) if not args.methods else Path(args.out) / f"{_file_name(spec.name)}.json"
-        write_run(path, summary, result)
+        summary["processes"] = distributed.world()[1]
         summaries.append(summary)
-        print(f"{spec.name} -> {path}")
+        if main:
+            path = Path(args.out) if not args.methods else Path(args.out) / f"{_file_name(spec.name)}.json"
+            write_run(path, summary, result)
+            print(f"{spec.name} -> {path}")
+    if not main:
+        return 0
     print("\n" + markdown_table(summaries))  # one table of every run just made
     if args.methods:  # the folder's table covers these runs and any earlier ones on the same stream
         _bench_report(argparse.Namespace(folder=args.out))

@@ -5,7 +5,8 @@ leading space, BOS and padding side). For each pair this returns, at the positio
 tokens, the model's argmax token and the log-probability of the answer token. Identical pairs are computed
 once. Batches are left-padded, so every row's answer ends the row and only the last max(answer length)
 positions go through the output layer (:func:`rledit.tokens.answer_logits`): the vocabulary projection at
-every prompt position, most of a small model's scoring time, is never computed. Nothing here changes the model.
+every prompt position, most of a small model's scoring time, is never computed. Under several processes the pairs
+are shared out and the predictions gathered (:mod:`rledit.distributed`). Nothing here changes the model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rledit.distributed import gather, world
 from rledit.tokens import answer_logits, context_length, encode
 
 PROGRESS_MIN_BATCHES = 20  # shorter loops run without a progress bar
@@ -97,11 +99,16 @@ def predict_answers(model: nn.Module, tokenizer, pairs: Iterable[Pair], batch_si
 
 
 def _predict(model: nn.Module, tokenizer, pairs: set[Pair], batch_size: int) -> dict[Pair, AnswerPrediction]:
+    """Predictions for ``pairs``; under several processes (:mod:`rledit.distributed`) each scores every
+    N-th pair and all of them receive all the predictions."""
     unique = sorted(pairs, key=lambda pair: (len(pair[0]) + len(pair[1]), pair))  # less padding per batch
+    rank, size = world()
+    mine = unique[rank::size]
     limit = context_length(model)
     predictions: dict[Pair, AnswerPrediction] = {}
     with evaluation_mode(model):
-        for batch_pairs in chunks(unique, batch_size, desc=f"scoring {len(unique)} prompts"):
+        desc = f"scoring {len(unique)} prompts" + (f" ({len(mine)} in this process)" if size > 1 else "")
+        for batch_pairs in chunks(mine, batch_size, desc=desc if rank == 0 else None):
             batch = encode(tokenizer, [p for p, _ in batch_pairs], [a for _, a in batch_pairs], max_length=limit,
                            padding_side="left")
             logits = answer_logits(model, batch).float()  # (answer tokens of all rows, V), row-major
@@ -115,4 +122,6 @@ def _predict(model: nn.Module, tokenizer, pairs: set[Pair], batch_size: int) -> 
                                                      argmax_ids=tuple(argmax[start:end]),
                                                      log_probs=tuple(log_probs[start:end]))
                 start = end
+    if size > 1:
+        return {pair: prediction for part in gather(predictions) for pair, prediction in part.items()}
     return predictions
