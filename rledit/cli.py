@@ -195,11 +195,14 @@ def loaded_model(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from rledit import distributed
     from rledit.data import load_requests
     from rledit.editor import Editor
     from rledit.hparams import load_hparams, save_hparams
     from rledit.methods.rledit.trainer import STATE_FILE, RLEditTrainer
 
+    distributed.start()  # data-parallel training when launched as several processes
+    main = distributed.is_main()
     hparams = load_hparams(args.hparams, args.set)
     out = Path(args.out or Path("runs") / Path(args.hparams).stem)
     if out.exists() and not out.is_dir():
@@ -212,16 +215,20 @@ def _train(args: argparse.Namespace) -> int:
         _check_same_run(load_hparams(out / "hparams.yaml"), hparams, out)
     elif out.is_dir() and (started or {p.name for p in out.iterdir()} - RESTARTABLE):
         raise ValueError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
-    elif out.is_dir():  # a start that failed before its first checkpoint: start it afresh
+    distributed.barrier()  # every process checked the folder before the first one writes to it
+    if main and out.is_dir() and not started:  # a start that failed before its first checkpoint: start afresh
         for name in RESTARTABLE:
             (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    save_hparams(hparams, out / "hparams.yaml")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_hparams(hparams, out / "hparams.yaml")
     method = hparams.method
     editor = Editor.from_model_hparams(hparams.model, method)
     requests = load_requests(method.train.train_data, "train", limit=args.limit)
     trainer = RLEditTrainer(editor, requests, out, hparams_source=str(args.hparams), init_from=args.init)
     final = trainer.train(resume=args.resume)
+    if not main:
+        return 0
     from rledit.methods.rledit.plots import plot_training_log
 
     plot_training_log(out / "train_log.jsonl", out / "training_curve.png")

@@ -10,6 +10,8 @@ A plain run is one process: :func:`start` does nothing, :func:`world` is (0, 1) 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,11 +39,33 @@ def start() -> None:
         raise DistributedError(f"WORLD_SIZE is {size} but the process group has {state.num_processes} processes")
 
 
+_alone = False  # see alone()
+
+
 def world() -> tuple[int, int]:
-    """(this process's rank, the number of processes): (0, 1) outside a process group."""
+    """(this process's rank, the number of processes): (0, 1) outside a process group (the rank stays the
+    process's own inside :func:`alone`, the number of processes is 1 there)."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(), 1 if _alone else dist.get_world_size()
     return 0, 1
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Inside the block this process works by itself: nothing is shared out or gathered (e.g. the validation
+    rank 0 runs while the others wait)."""
+    global _alone
+    outer, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = outer
+
+
+def barrier() -> None:
+    """Wait until every process got here (nothing outside a process group)."""
+    if world()[1] > 1:
+        dist.barrier()
 
 
 def is_main() -> bool:

@@ -76,3 +76,71 @@ def test_a_lifelong_run_scored_by_two_processes_matches_one(tiny_run, tmp_path):
     assert (first["processes"], second["processes"]) == (1, 2)
     assert first["metrics"] == second["metrics"] and first["unedited"] == second["unedited"]
     assert first["curve"] == second["curve"] and len(first["curve"]) == 3
+
+
+# ------------------------------------------------------------------------------------ data-parallel training
+def train_yaml(folder, tmp_path, **train) -> str:
+    settings = {"episodes": 2, "steps_per_episode": 2, "batch": 2, "back_depth": 2, "meta_lr": 1e-3,
+                "scalar_meta_lr": 0.3, "checkpoint_every": 1, "loc_reference": "unedited", "validation_size": 0,
+                "train_data": "zsre"} | train
+    path = tmp_path / f"train-{len(list(tmp_path.glob('train-*.yaml')))}.yaml"
+    path.write_text(json.dumps({"defaults": {"method": "methods/rledit.yaml"},
+                                "model": {"name": str(folder), "layers": [2, 3]},
+                                "method": {"rank": 16, "lr_init": 30.0, "train": settings}}))
+    return str(path)
+
+
+def trained(out) -> dict:
+    from rledit.checkpoints import read_checkpoint
+
+    return read_checkpoint(out / "editor").state
+
+
+def test_two_training_processes_on_the_same_episodes_equal_one(tiny_run, tmp_path):
+    """Same episodes on both ranks: the averaged gradient is each rank's, so the run must equal one process."""
+    import torch
+
+    folder, _ = tiny_run
+    env = dict(os.environ)
+    hparams = train_yaml(folder, tmp_path, distinct_episodes=False)
+    for processes, name in ((1, "one"), (2, "two")):
+        done = rledit(["train", "--hparams", hparams, "--limit", "8", "--out", str(tmp_path / name)], processes, env)
+        assert done.returncode == 0, done.stderr[-2000:]
+    one, two = trained(tmp_path / "one"), trained(tmp_path / "two")
+    assert one.keys() == two.keys()
+    counted = {k for k in one if k.endswith((".count", ".m2"))}  # the normalisers saw every row twice
+    assert counted and all(torch.allclose(one[k].double(), two[k].double(), atol=1e-6) for k in one.keys() - counted)
+    for key in (k for k in counted if k.endswith(".count")):
+        m2 = key[: -len("count")] + "m2"
+        assert torch.equal(two[key], 2 * one[key])  # ... so their variance m2 / count is the same
+        assert torch.allclose(two[m2] / two[key], one[m2] / one[key], atol=1e-9)
+
+
+def test_data_parallel_training_shares_one_editor_and_resumes_exactly(tiny_run, tmp_path):
+    """Own episodes per rank: every rank ends with the same editor (checked by the trainer at every checkpoint),
+    it differs from one process's, and a 2-process run resumes exactly; resuming it with 1 process is refused."""
+    import torch
+
+    folder, _ = tiny_run
+    env = dict(os.environ)
+    straight = rledit(["train", "--hparams", train_yaml(folder, tmp_path), "--limit", "8",
+                       "--out", str(tmp_path / "straight")], 2, env)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    log = [json.loads(line) for line in (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in log if r["kind"] == "episode"] == [1, 2]  # one log, written by rank 0
+    single = rledit(["train", "--hparams", train_yaml(folder, tmp_path), "--limit", "8",
+                     "--out", str(tmp_path / "single")], 1, env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    a, b = trained(tmp_path / "straight"), trained(tmp_path / "single")
+    assert any(not torch.allclose(a[k], b[k]) for k in a)  # rank 1's episodes changed the editor
+    split = rledit(["train", "--hparams", train_yaml(folder, tmp_path, episodes=1), "--limit", "8",
+                    "--out", str(tmp_path / "split")], 2, env)
+    assert split.returncode == 0, split.stderr[-2000:]
+    refused = rledit(["train", "--hparams", train_yaml(folder, tmp_path), "--limit", "8", "--resume",
+                      "--out", str(tmp_path / "split")], 1, env)
+    assert refused.returncode != 0 and "was trained by 2 process(es)" in refused.stderr
+    resumed = rledit(["train", "--hparams", train_yaml(folder, tmp_path), "--limit", "8", "--resume",
+                      "--out", str(tmp_path / "split")], 2, env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    c = trained(tmp_path / "split")
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)

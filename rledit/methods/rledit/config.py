@@ -62,6 +62,9 @@ class TrainHparams:
             protocol scores the other half), so the editor learns not to spill onto same-relation prompts.
         diverge_factor: stop training when an episode's mean loss is non-finite or above this multiple of the
             first episode's (0: never stop).
+        distinct_episodes: under several processes (data-parallel training, ``accelerate launch``), each process
+            draws its own episodes (rank 0 those of a single process); False: every process draws rank 0's,
+            which must reproduce a single process (a check of the averaging).
     """
 
     episodes: int = 100
@@ -89,6 +92,7 @@ class TrainHparams:
     validation_batch: int = 20
     relation_locality: bool = False
     diverge_factor: float = 0.0
+    distinct_episodes: bool = True
 
     def __post_init__(self) -> None:
         for name in ("episodes", "steps_per_episode", "batch", "back_depth", "update_every", "checkpoint_every"):

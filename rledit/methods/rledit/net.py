@@ -19,11 +19,28 @@ All state is plain tensors (``state_dict`` saves as safetensors); the normaliser
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+from rledit.distributed import gather
+
+_shared_statistics = False  # see shared_statistics()
+
+
+@contextmanager
+def shared_statistics() -> Iterator[None]:
+    """Inside the block, every normaliser update folds in the rows of every process (data-parallel training:
+    each process runs its own episodes, and all keep the same statistics)."""
+    global _shared_statistics
+    outer, _shared_statistics = _shared_statistics, True
+    try:
+        yield
+    finally:
+        _shared_statistics = outer
 
 
 class RunningNormalizer(nn.Module):
@@ -42,8 +59,11 @@ class RunningNormalizer(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Fold the rows of ``x`` (N, size) into the statistics, exactly as if all rows were seen at once."""
+        """Fold the rows of ``x`` (N, size) into the statistics, exactly as if all rows were seen at once.
+        Inside :func:`shared_statistics` every process folds in the rows of all of them (in rank order)."""
         x = x.detach().to(torch.float64)
+        if _shared_statistics:
+            x = torch.cat([rows.to(x.device) for rows in gather(x.cpu())])
         n = x.shape[0]
         if n == 0:
             return

@@ -29,6 +29,7 @@ optimiser steps many times, and everything is seeded. MALMEN-style training is t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from rledit import distributed
 from rledit.checkpoints import read_checkpoint
 from rledit.eval.protocols import as_question
 from rledit.eval.relations import same_relation_pair
@@ -49,6 +51,7 @@ from rledit.files import atomic_file, write_text_atomically
 from rledit.hooks import answer_token_loss, capture_features
 from rledit.methods.memory import split_memory_state
 from rledit.methods.rledit.method import RLEditMethod, factored_frobenius_sq
+from rledit.methods.rledit.net import shared_statistics
 from rledit.prefix import Prefix
 from rledit.tokens import TokenBatch, answer_logits, encode
 from rledit.types import EditRequest
@@ -127,7 +130,13 @@ class RLEditTrainer:
             p.requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.method.hypernet.parameter_groups(self.hp.meta_lr,
                                                                                 self.hp.scalar_meta_lr))
-        self.rng = random.Random(self.hp.seed)
+        # under several processes (data-parallel training) each draws its own episodes: rank 0 the
+        # single-process ones, rank r > 0 from the seed "<seed>-rank<r>" (train.distinct_episodes: False gives every
+        # process rank 0's); gradients and normaliser statistics are shared, so all keep the same editor
+        self.rank, self.processes = distributed.world()
+        own = self.rank > 0 and self.hp.distinct_episodes
+        self.rng = random.Random(f"{self.hp.seed}-rank{self.rank}" if own else self.hp.seed)
+        self.main = self.rank == 0
         self.order: list[int] = []
         self.episode = 0
         self.global_step = 0
@@ -138,14 +147,17 @@ class RLEditTrainer:
     # ------------------------------------------------------------------------------------------- the loop
     def train(self, resume: bool = False) -> Path:
         """Run all episodes (continuing from the last checkpoint with ``resume``); returns the final checkpoint."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
         if resume:
             self._load_state()
         torch.manual_seed(self.hp.seed + self.episode)
-        bar = tqdm(total=self.hp.episodes, initial=self.episode, desc="episodes", disable=not self.progress)
+        bar = tqdm(total=self.hp.episodes, initial=self.episode, desc="episodes",
+                   disable=not (self.progress and self.main))
         start = time.perf_counter()
         while self.episode < self.hp.episodes:
-            metrics = self.run_episode(self._draw_episode())
+            metrics = self._mean_over_processes(self.run_episode(self._draw_episode()))
             self.episode += 1
             metrics.update(episode=self.episode, seconds=round(time.perf_counter() - start, 2),
                            scalars=self._mean_scalars())
@@ -165,8 +177,11 @@ class RLEditTrainer:
                 break
         bar.close()
         self._clear_steps()
+        self._check_processes_agree()
         final = self.out_dir / "editor"
-        self.editor.save_checkpoint(final, extra=self._training_facts())
+        if self.main:
+            self.editor.save_checkpoint(final, extra=self._training_facts())
+        distributed.barrier()
         return final
 
     def run_episode(self, requests: list[EditRequest]) -> dict[str, float]:
@@ -177,6 +192,7 @@ class RLEditTrainer:
         steps = [requests[i:i + hp.batch] for i in range(0, len(requests), hp.batch)]
         self.episode_prompts = {r.prompt for r in requests}
         warm = self.rng.randint(0, hp.warm_start_max) if hp.warm_start_max else 0
+        warm = distributed.gather(warm)[0]  # every process applies as many steps (rank 0's draw)
         history: list[WindowStep] = []
         for step_requests in steps[hp.steps_per_episode:hp.steps_per_episode + warm]:
             history.append(self._tokenise(step_requests))
@@ -214,7 +230,8 @@ class RLEditTrainer:
         with self._upper_layers_only():
             features = capture_features(model, self.editor.targets, current.edit)
             references = self._references(steps)
-            updates = self.method.compute_updates(features, self.editor.targets, update_stats=True)
+            with self._shared_statistics():
+                updates = self.method.compute_updates(features, self.editor.targets, update_stats=True)
             with store.pending(updates):
                 gen_loss, loc_loss, edit_acc = self._backtracking_losses(steps, weights, references)
             reg = sum(factored_frobenius_sq(u, v) for u, v in updates.values())
@@ -230,7 +247,8 @@ class RLEditTrainer:
         """Apply the current editor's update of ``step`` without learning from it (a warm-start step)."""
         with self._upper_layers_only():
             features = capture_features(self.editor.model, self.editor.targets, step.edit)
-            self._keep(self.method.compute_updates(features, self.editor.targets, update_stats=True))
+            with self._shared_statistics():
+                self._keep(self.method.compute_updates(features, self.editor.targets, update_stats=True))
 
     def _keep(self, updates) -> None:
         self.method.step_applied(self.editor.store.add(updates))
@@ -266,8 +284,32 @@ class RLEditTrainer:
         """Run only the layers from the lowest edited one on, from the batches' cached hidden states."""
         return self.prefix.skipped() if self.prefix is not None else contextlib.nullcontext()
 
+    def _shared_statistics(self):
+        """Every process's features enter the normaliser (several processes only)."""
+        return shared_statistics() if self.processes > 1 else contextlib.nullcontext()
+
+    def _check_processes_agree(self) -> None:
+        """Raise unless every process holds bit-for-bit the same editor (data-parallel training)."""
+        if self.processes == 1:
+            return
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.method.hypernet.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        digests = distributed.gather(digest.hexdigest())
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"the {self.processes} training processes hold different editors after episode "
+                               f"{self.episode} (sha256 {digests}); their gradients or statistics were not shared")
+
+    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The episode's metrics averaged over the processes (the same on every one; so are the stops)."""
+        if self.processes == 1:
+            return metrics
+        parts = distributed.gather(metrics)
+        return {key: sum(part[key] for part in parts) / len(parts) for key in metrics}
+
     def _optimiser_step(self) -> None:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        distributed.average_gradients(params)  # data-parallel: the mean gradient of every process's episode
         norm = torch.nn.utils.clip_grad_norm_(params, self.hp.grad_clip)
         if torch.isfinite(norm):
             self.optimizer.step()
@@ -325,6 +367,12 @@ class RLEditTrainer:
         from rledit.bench import dataset_kind
         from rledit.eval import compute_references, evaluate
 
+        if not self.main:  # rank 0 validates alone; the others wait for it at the next shared step
+            return
+        with distributed.alone():
+            self._validate_here(dataset_kind, compute_references, evaluate)
+
+    def _validate_here(self, dataset_kind, compute_references, evaluate) -> None:
         editor, hp = self.editor, self.hp
         protocol = VALIDATION_PROTOCOLS.get(dataset_kind(self.validation), "zsre-token-acc@2")
         if self.validation_references is None:
@@ -357,11 +405,14 @@ class RLEditTrainer:
 
     # ------------------------------------------------------------------------------------ logs and state
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
         with open(self.out_dir / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _training_facts(self) -> dict[str, Any]:
-        return {"episodes": self.episode, "optimizer_steps": self.global_step // self.hp.update_every,
+        return {"episodes": self.episode, "processes": self.processes,  # episodes per process
+                "optimizer_steps": self.global_step // self.hp.update_every,
                 "train": asdict(self.hp), "hparams_file": self.hparams_source, "n_train_requests": len(self.requests),
                 "n_validation_requests": len(self.validation), "init_from": self.init_from}
 
@@ -373,6 +424,12 @@ class RLEditTrainer:
                  "first_loss": self.first_loss, "best_score": self.best_score,
                  "method": split_memory_state(self.method.state_dict())[0],  # the next episode starts empty
                  "optimizer": self.optimizer.state_dict()}
+        self._check_processes_agree()
+        ranks = distributed.gather({"order": self.order, "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state()})
+        if self.processes > 1:
+            state["ranks"] = ranks  # each process's own data order and generators
+        if not self.main:
+            return
         with atomic_file(self.out_dir / STATE_FILE) as temporary:
             torch.save(state, temporary)
         self.editor.save_checkpoint(self.out_dir / f"editor-ep{self.episode:05d}", extra=self._training_facts())
@@ -394,10 +451,15 @@ class RLEditTrainer:
         if any(i >= len(self.requests) for i in state["order"]):
             raise ValueError(f"--resume: the run in {self.out_dir} used more training records than the "
                              f"{len(self.requests)} given; resume with the same data and --limit")
-        self.episode, self.global_step, self.order = state["episode"], state["global_step"], state["order"]
+        saved_processes = len(state["ranks"]) if "ranks" in state else 1
+        if saved_processes != self.processes:
+            raise ValueError(f"--resume: the run in {self.out_dir} was trained by {saved_processes} process(es); "
+                             f"resume it with as many (this is {self.processes}), or start a new run with --init")
+        own = state["ranks"][self.rank] if "ranks" in state else state
+        self.episode, self.global_step, self.order = state["episode"], state["global_step"], own["order"]
         self.first_loss, self.best_score = state.get("first_loss"), state.get("best_score")
-        self.rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
+        self.rng.setstate(own["rng"])
+        torch.set_rng_state(own["torch_rng"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._truncate_log()
@@ -405,7 +467,7 @@ class RLEditTrainer:
     def _truncate_log(self) -> None:
         """Drop the log records of episodes after the checkpoint being resumed (they are run again)."""
         path = self.out_dir / LOG_FILE
-        if not path.is_file():
+        if not self.main or not path.is_file():
             return
         lines = path.read_text(encoding="utf-8").splitlines()
         kept = [line for line in lines if line.strip() and json.loads(line).get("episode", 0) <= self.episode]
