@@ -112,6 +112,42 @@ def test_second_moments_match_a_text_by_text_reference(tokenizer, corpus_file):
         assert torch.allclose(stats.second_moments[target.name], keys.T @ keys / n_tokens, rtol=1e-5, atol=1e-9)
 
 
+def test_a_token_budget_counts_exactly_that_many_tokens(tokenizer, corpus_file):
+    model = tiny_model("llama")
+    targets = resolve_targets(model, [1], ["down_proj"])
+    lengths = [len(tokenizer(t)["input_ids"]) for t in TEXTS]
+    budget = lengths[0] + 2  # the whole first text and two tokens of the second
+    stats = load_or_compute_statistics(model, tokenizer, targets, str(corpus_file), 10, 32, 2, max_tokens=budget)
+    assert stats.n_tokens == budget and f"_t{budget}_" in stats.path.name
+    seen = []
+    handle = targets[0].module.register_forward_hook(lambda m, args, out: seen.append(args[0][0].double()))
+    with torch.no_grad():
+        for text, cut in ((TEXTS[0], lengths[0]), (TEXTS[1], 2)):
+            model(input_ids=torch.tensor([tokenizer(text)["input_ids"][:cut]]))
+    handle.remove()
+    keys = torch.cat(seen)
+    assert torch.allclose(stats.second_moments[targets[0].name], keys.T @ keys / budget, rtol=1e-5, atol=1e-9)
+    everything = load_or_compute_statistics(model, tokenizer, targets, str(corpus_file), 10, 32, 2)
+    assert everything.n_tokens == sum(min(32, n) for n in lengths) and everything.path != stats.path
+
+
+def test_mixed_corpora_and_the_models_own_samples(tokenizer, corpus_file):
+    from rledit.methods.memit.samples import model_samples
+    from rledit.methods.memit.stats import corpus_texts
+
+    model = tiny_model("llama")
+    mixed = corpus_texts(model, tokenizer, f"{corpus_file}+sst2", 5, 16)
+    bundled = load_corpus("sst2", 5).texts
+    assert mixed.texts == [TEXTS[0], bundled[0], TEXTS[1], bundled[1], TEXTS[2]]
+    assert mixed.identifier.startswith("reviews-") and "+sst2_sentences-" in mixed.identifier
+    samples = model_samples(model, tokenizer, 3, 8)
+    assert len(samples.texts) == 3 and all(samples.texts)
+    assert model_samples(model, tokenizer, 3, 8).texts == samples.texts  # cached
+    assert (Path(os.environ["RLEDIT_CACHE"]) / "samples").is_dir()
+    with_samples = corpus_texts(model, tokenizer, "model-samples+sst2", 3, 8)
+    assert with_samples.texts[0] == samples.texts[0] and with_samples.texts[1] == bundled[0]
+
+
 def test_statistics_are_cached_per_model_layers_and_corpus(tokenizer, corpus_file, tmp_path):
     model = tiny_model("llama")
     targets = resolve_targets(model, [0, 1], ["down_proj"])

@@ -19,11 +19,17 @@ class LocateEditHparams:
             bundled English sentences, ``data/corpus/sst2_sentences.txt.gz``), a text file (one text per line,
             ``.txt`` or ``.txt.gz``; ``.jsonl``/``.jsonl.gz`` with a ``corpus_column`` field), a folder saved
             with ``datasets.Dataset.save_to_disk``, or a ``datasets`` dataset name. Never the edit benchmark.
+            Also ``zsre-train-questions`` and ``counterfact-train-facts`` (built from the bundled training
+            splits' "train" half), ``model-samples`` (text the model writes itself, standing for its
+            pre-training text: :mod:`rledit.methods.memit.samples`), and mixes ``a+b+...`` of any of these,
+            their texts taken in turn.
         corpus_split: the split read from a ``datasets`` corpus.
         corpus_column: the text column of a ``datasets`` or ``.jsonl`` corpus.
         stats_samples: how many texts (the first ones of the corpus) the statistics are estimated on. The
             default 2000 SST-2 sentences are about 31k tokens (20 per input dimension of SmolLM2's
             down_proj), computed in about 3 minutes on one CPU thread and then cached.
+        stats_tokens: stop after this many tokens of the corpus (None: all ``stats_samples`` texts); results
+            files record the count used (``method_setup.statistics.n_tokens``).
         stats_max_length: texts are cut to this many tokens.
         stats_batch_size: texts per forward pass while estimating the statistics.
         v_steps: Adam steps optimising each edit's residual shift δ at the last edited layer.
@@ -50,6 +56,7 @@ class LocateEditHparams:
     corpus_split: str = "train"
     corpus_column: str = "text"
     stats_samples: int = 2000
+    stats_tokens: int | None = None
     stats_max_length: int = 128
     stats_batch_size: int = 32
     v_steps: int = 25
@@ -64,6 +71,8 @@ class LocateEditHparams:
     context_top_k: int = 5
 
     def __post_init__(self) -> None:
+        if self.stats_tokens is not None and self.stats_tokens < 1:
+            raise ValueError(f"stats_tokens must be >= 1 or null (every token), got {self.stats_tokens}")
         for pair in self.context_lengths:
             if len(pair) != 2 or min(pair) < 1:
                 raise ValueError(f"context_lengths must hold [tokens, count] pairs of positive integers (e.g. "

@@ -91,7 +91,7 @@ class LocateThenEditMethod(EditMethod):
         hp = self.hparams
         self.statistics = load_or_compute_statistics(
             model, tokenizer, targets, hp.corpus, hp.stats_samples, hp.stats_max_length, hp.stats_batch_size,
-            hp.corpus_split, hp.corpus_column)
+            hp.corpus_split, hp.corpus_column, hp.stats_tokens)
         self.after_statistics(targets)
         self.prefixes = context_prefixes(model, tokenizer, hp.context_lengths, hp.context_seed, hp.context_top_k)
         self.setup_seconds = time.perf_counter() - start

@@ -13,6 +13,7 @@ can still report it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import time
@@ -67,7 +68,7 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def statistics_file(model: nn.Module, targets: Sequence[EditTarget], corpus_id: str, samples: int,
-                    max_length: int) -> tuple[Path, dict[str, Any]]:
+                    max_length: int, max_tokens: int | None = None) -> tuple[Path, dict[str, Any]]:
     """The cache file for these statistics and the description hashed into its name."""
     description = {
         "format": STATS_FORMAT,
@@ -78,39 +79,66 @@ def statistics_file(model: nn.Module, targets: Sequence[EditTarget], corpus_id: 
         "samples": samples,
         "max_length": max_length,
     }
+    if max_tokens is not None:  # (absent from older cache keys, which stay valid)
+        description["max_tokens"] = max_tokens
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
     layers = sorted({t.layer for t in targets})
     modules = "+".join(dict.fromkeys(t.name.rsplit(".", 1)[-1] for t in targets))
     layer_text = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else \
         ".".join(map(str, layers))
-    slug = _slug(f"{description['model']}_L{layer_text}.{modules}_{corpus_id.rsplit('-', 1)[0]}_n{samples}")
+    corpus_name = "+".join(part.rsplit("-", 1)[0] for part in corpus_id.split("+"))
+    tokens = f"_t{max_tokens}" if max_tokens is not None else ""
+    slug = _slug(f"{description['model']}_L{layer_text}.{modules}_{corpus_name}_n{samples}{tokens}")
     return cache_root() / "stats" / f"{slug}_{key}.safetensors", description
 
 
 def load_or_compute_statistics(model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget], corpus: str,
                                samples: int, max_length: int, batch_size: int, split: str = "train",
-                               column: str = "text") -> KeyStatistics:
-    """The key statistics of ``targets`` on the first ``samples`` texts of ``corpus``: read from the cache when
-    they were computed before for the same model, modules, corpus and sizes; otherwise computed (with a
-    progress bar) and written to the cache atomically."""
-    text_corpus = load_corpus(corpus, samples, split, column)
-    path, description = statistics_file(model, targets, text_corpus.identifier, samples, max_length)
+                               column: str = "text", max_tokens: int | None = None) -> KeyStatistics:
+    """The key statistics of ``targets`` on the first ``samples`` texts of ``corpus`` (and at most
+    ``max_tokens`` tokens of them): read from the cache when they were computed before for the same model,
+    modules, corpus and sizes; otherwise computed (with a progress bar) and written to the cache atomically."""
+    text_corpus = corpus_texts(model, tokenizer, corpus, samples, max_length, split, column)
+    path, description = statistics_file(model, targets, text_corpus.identifier, samples, max_length, max_tokens)
     device = next(model.parameters()).device
     if path.is_file():
         return _read(path, targets, device)
     start = time.perf_counter()
-    moments, n_tokens = compute_second_moments(model, tokenizer, targets, text_corpus, max_length, batch_size)
+    moments, n_tokens = compute_second_moments(model, tokenizer, targets, text_corpus, max_length, batch_size,
+                                               max_tokens)
     seconds = time.perf_counter() - start
     meta = dict(description, n_texts=len(text_corpus.texts), n_tokens=n_tokens, compute_seconds=seconds)
     _write(path, {name: m.to(torch.float32) for name, m in moments.items()}, meta)
     return KeyStatistics(moments, len(text_corpus.texts), n_tokens, seconds, path, cached=False)
 
 
+def corpus_texts(model: nn.Module, tokenizer: Any, corpus: str, samples: int, max_length: int, split: str = "train",
+                 column: str = "text") -> Corpus:
+    """The texts of ``corpus`` (:func:`rledit.methods.memit.corpus.load_corpus`), where ``model-samples`` is
+    ``samples`` texts of ``max_length`` tokens the model writes (:mod:`rledit.methods.memit.samples`) and
+    ``a+b+...`` takes the first ``samples`` texts of its parts in turn (one of each, round-robin)."""
+    parts = [corpus] if Path(corpus).expanduser().exists() else corpus.split("+")
+    loaded = []
+    for part in parts:
+        if part == "model-samples":
+            from rledit.methods.memit.samples import model_samples
+
+            loaded.append(model_samples(model, tokenizer, samples, max_length))
+        else:
+            loaded.append(load_corpus(part, samples, split, column))
+    if len(loaded) == 1:
+        return loaded[0]
+    mixed = [text for group in itertools.zip_longest(*(c.texts for c in loaded)) for text in group if text]
+    return Corpus(mixed[:samples], "+".join(c.identifier for c in loaded))
+
+
 @torch.no_grad()
 def compute_second_moments(model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget], corpus: Corpus,
-                           max_length: int, batch_size: int) -> tuple[dict[str, torch.Tensor], int]:
-    """E[k kᵀ] (fp64) of every target's inputs over all tokens of ``corpus`` (texts cut to ``max_length``
-    tokens), and the number of tokens. The forward stops after the last edited layer."""
+                           max_length: int, batch_size: int,
+                           max_tokens: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """E[k kᵀ] (fp64) of every target's inputs over the tokens of ``corpus`` (texts cut to ``max_length``
+    tokens; at most ``max_tokens`` tokens in all, the last text cut), and the number of tokens. The forward stops
+    after the last edited layer."""
     device = next(model.parameters()).device
     sums = {t.name: torch.zeros(t.d_in, t.d_in, dtype=torch.float64, device=device) for t in targets}
     mask_holder: dict[str, torch.Tensor] = {}
@@ -133,8 +161,15 @@ def compute_second_moments(model: nn.Module, tokenizer: Any, targets: Sequence[E
     try:
         with frozen_model(model), tqdm(total=len(corpus.texts), desc="key statistics", unit="text") as bar:
             for begin in range(0, len(corpus.texts), batch_size):
+                if max_tokens is not None and n_tokens >= max_tokens:
+                    break
                 texts = corpus.texts[begin:begin + batch_size]
                 input_ids, attention = _right_padded(tokenizer, texts, max_length)
+                if max_tokens is not None:  # the tokens past the budget (row-major) are not counted
+                    attention = attention * (attention.flatten().cumsum(0) <= max_tokens - n_tokens).reshape(
+                        attention.shape).long()
+                    kept = attention.any(1)
+                    input_ids, attention = input_ids[kept], attention[kept]
                 mask_holder["mask"] = attention.bool().to(device)
                 positions = (attention.cumsum(1) - 1).clamp(min=0)
                 try:
