@@ -351,3 +351,22 @@ def test_nullspace_rules_energy_share_largest_eigenvalue_and_absolute():
     assert method.nullspace_dims == {"m": 2}
     with pytest.raises(ValueError, match="must be < 1 with nullspace_rule 'energy'"):
         AlphaEditHparams(nullspace_threshold=2.0)
+
+
+def test_the_key_statistics_study_follows_the_null_space_across_token_budgets(tokenizer, tmp_path):
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import key_statistics_study
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "study"
+    assert key_statistics_study.main(["--model", str(folder), "--layers", "1", "2", "--corpus", "sst2",
+                                      "--tokens", "400", "100", "--samples", "100", "--out", str(out)]) == 0
+    rows = json.loads((out / "study.json").read_text())["rows"]
+    assert [(r["tokens"], r["module"].split(".")[2]) for r in rows] == [(100, "1"), (100, "2"), (400, "1"), (400, "2")]
+    assert all(0 < r["nullspace_energy_0.05"] < 64 for r in rows)
+    assert "nullspace_kept" not in rows[0] and 0 <= rows[2]["nullspace_kept"] <= 1 + 1e-9
+    assert rows[2]["change_from_previous"] > 0
