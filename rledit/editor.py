@@ -266,14 +266,15 @@ class Editor:
         return step
 
     def _encode(self, requests: Sequence[EditRequest]):
-        return encode(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
-                      max_length=context_length(self.model))
+        batch = encode(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
+                       max_length=context_length(self.model))
+        return self.method.feature_batch(self.tokenizer, requests, batch)
 
     def step_bytes(self, requests: EditRequest | Mapping | Sequence[EditRequest | Mapping], batch: Any = None) -> int:
         """The estimated memory (bytes) of applying ``requests`` as one step: feature capture plus the method."""
         batch = batch if batch is not None else self._encode(as_requests(requests))
         capture = capture_bytes(self.model, self.targets, batch) if self.method.uses_features else 0
-        return capture + self.method.step_bytes(batch.n_answer_tokens, self.targets)
+        return capture + self.method.step_bytes(batch.n_key_tokens, self.targets)
 
     def _check_memory(self, requests: Sequence[EditRequest], batch: Any) -> None:
         """Refuse, before any work, a step whose estimated memory exceeds :attr:`memory_limit` (default: the

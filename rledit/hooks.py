@@ -1,7 +1,8 @@
 """Features of one edit step: keys and value-gradients at the edited modules (ALGORITHM.md §2).
 
 One forward and one backward of the current model (with whatever deltas are applied to it) on the step's
-prompt+target rows. At every edited module and every answer position i we record
+prompt+target rows. At every edited module and every answer position i (and each row's subject's last token
+when the batch marks it: ``TokenBatch.key_mask``, :func:`rledit.tokens.with_subject_keys`) we record
 
 * k_i: the module's input (d_in), and
 * g_i: d(sum of the answer tokens' cross-entropies)/d(module output) at that position (d_out), the *total*
@@ -60,7 +61,8 @@ def answer_token_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
 
 
 def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: TokenBatch) -> StepFeatures:
-    """One forward+backward of ``model`` on ``batch``; keys and value-gradients at ``targets``' answer tokens.
+    """One forward+backward of ``model`` on ``batch``; keys and value-gradients at ``targets``, at the batch's
+    key positions (the answer tokens, and the subjects' last tokens where marked).
 
     Runs in eval semantics (every submodule is put in eval mode, so no dropout) and restores each submodule's
     own train/eval flag afterwards. The weights never get ``.grad`` buffers and their ``requires_grad`` flags
@@ -75,7 +77,7 @@ def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: Tok
         raise FeatureError("the batch has no answer tokens; encode it with targets (rledit.tokens.encode)")
 
     device = next(model.parameters()).device
-    mask = batch.answer_mask.to(device)
+    mask = batch.key_mask.to(device)
     keys: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
 
@@ -111,7 +113,7 @@ def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: Tok
             missing = [n for n in names if n not in outputs]
             if missing:
                 raise FeatureError(f"targets {missing} did not run in the forward; are they in the model?")
-            summed_loss = loss * int(mask.sum())  # per-token gradients: see the module docstring
+            summed_loss = loss * batch.n_answer_tokens  # per-token gradients: see the module docstring
             grads = torch.autograd.grad(summed_loss, [outputs[n] for n in names], allow_unused=True)
     finally:
         for handle in handles:

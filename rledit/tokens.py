@@ -18,13 +18,14 @@ The conventions every part of rledit relies on:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from rledit.chat import chat_framing
-from rledit.types import is_visible
+from rledit.types import EditRequest, EditRequestError, is_visible
 
 
 class TokenizationError(ValueError):
@@ -41,6 +42,7 @@ class TokenBatch:
     labels: torch.Tensor  # (B, L) long, prediction-aligned target ids or -100
     target_ids: list[list[int]]  # per row, the full target token ids
     inputs_embeds: torch.Tensor | None = None  # (B, L, d) hidden states to start from instead of input_ids
+    subject_mask: torch.Tensor | None = None  # (B, L) bool: each row's subject's last token (with_subject_keys)
 
     @property
     def answer_mask(self) -> torch.Tensor:
@@ -49,8 +51,19 @@ class TokenBatch:
 
     @property
     def n_answer_tokens(self) -> int:
-        """N: the number of answer tokens in the batch."""
+        """The number of answer tokens in the batch."""
         return int(self.answer_mask.sum())
+
+    @property
+    def key_mask(self) -> torch.Tensor:
+        """(B, L) bool: the positions an edit's features are read at: the answer positions, and each row's
+        subject's last token when the batch marks it (:func:`with_subject_keys`)."""
+        return self.answer_mask if self.subject_mask is None else self.answer_mask | self.subject_mask
+
+    @property
+    def n_key_tokens(self) -> int:
+        """N: the number of feature rows of the batch (positions of :attr:`key_mask`)."""
+        return int(self.key_mask.sum())
 
     def to(self, device: torch.device | str) -> TokenBatch:
         """The same batch on ``device``."""
@@ -226,3 +239,67 @@ def context_length(model: nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def check_subjects(requests: Sequence[EditRequest], method: str,
+                   otherwise: str = "use a method that needs no subject (rledit, ultraedit, mend, ft) otherwise") -> None:
+    """Raise :class:`EditRequestError` unless every request has a subject that occurs in its prompt;
+    ``otherwise`` ends the message with what the user can do instead."""
+    for i, request in enumerate(requests):
+        if request.subject is None:
+            raise EditRequestError(
+                f"{method} needs the subject of every edit (the entity the fact is about, e.g. subject='Danielle "
+                f"Darrieux'); edit {i} ({request.prompt!r}) has none. The bundled zsre and counterfact data "
+                "provide it; " + otherwise
+            )
+        if request.subject.strip().lower() not in request.prompt.lower():
+            raise EditRequestError(
+                f"{method}: the subject {request.subject!r} of edit {i} does not occur in its prompt "
+                f"{request.prompt!r}; the keys are read at the subject's last token"
+            )
+
+
+def subject_last_token(tokenizer: Any, text: str, subject: str, search_from: int = 0) -> int:
+    """Index of the subject's last token among the prompt tokens of ``text`` that :func:`rledit.tokens.encode`
+    uses (:func:`rledit.tokens.prompt_ids`). The first occurrence of the subject from character
+    ``search_from`` on counts (exact case first); a context prefix before the prompt is skipped so."""
+    text, subject = text.rstrip(), subject.strip()
+    start = text.find(subject, search_from)
+    if start < 0:
+        start = text.lower().find(subject.lower(), search_from)
+    if start < 0:
+        raise EditRequestError(f"subject {subject!r} does not occur in {text!r}")
+    end = start + len(subject)
+    framing = chat_framing(tokenizer)  # chat framing: the template's tokens come first, the text has no BOS
+    offset, framed = (len(framing.before), False) if framing is not None else (0, True)
+    try:
+        encoded = tokenizer(text, add_special_tokens=framed, return_offsets_mapping=True, split_special_tokens=True)
+    except NotImplementedError:  # slow tokenizers have no offsets: count the tokens of the text up to the end
+        return offset + len(text_ids(tokenizer, text[:end], add_special_tokens=framed)) - 1
+    spans = encoded["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(spans) if b > a and a < end]
+    if not inside:
+        raise EditRequestError(f"no token of {text!r} covers the subject {subject!r}")
+    return offset + inside[-1]
+
+
+def subject_positions(batch: TokenBatch, token_indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, positions) in the padded ``batch`` of each row's token ``token_indices[row]`` (counted from the
+    row's first real token, whatever the padding side)."""
+    first_real = batch.attention_mask.argmax(dim=1)
+    rows = torch.arange(len(token_indices))
+    return rows, first_real + torch.tensor(list(token_indices), dtype=torch.long)
+
+
+def with_subject_keys(tokenizer: Any, batch: TokenBatch, requests: Sequence[EditRequest],
+                      method: str = "rledit") -> TokenBatch:
+    """``batch`` (the requests' prompts + targets, as :func:`encode` made it) with each row's subject's last token
+    marked in ``subject_mask``, so that the features are read there as well as at the answer positions. Every
+    request needs a subject that occurs in its prompt (:class:`EditRequestError` otherwise)."""
+    check_subjects(requests, f"{method} with key_positions 'answer+subject'",
+                   "set key_positions: answer to edit without subjects")
+    rows, positions = subject_positions(
+        batch, [subject_last_token(tokenizer, r.prompt, r.subject) for r in requests])
+    mask = torch.zeros(batch.attention_mask.shape, dtype=torch.bool)
+    mask[rows, positions] = True
+    return replace(batch, subject_mask=mask.to(batch.attention_mask.device))

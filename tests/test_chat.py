@@ -5,8 +5,7 @@ from tiny import tiny_model, tiny_tokenizer
 
 from rledit.chat import ChatTemplateError, chat_framing, raw_prompts, use_chat_template
 from rledit.editor import Editor
-from rledit.methods.memit.compute import subject_last_token
-from rledit.tokens import encode, prompt_ids, target_token_ids, text_ids
+from rledit.tokens import encode, prompt_ids, subject_last_token, target_token_ids, text_ids
 
 TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
             "{% if add_generation_prompt %}<bos>assistant\n{% endif %}")

@@ -186,3 +186,83 @@ def test_edit_passes_fit_what_one_pass_left_and_remember_the_step_once(tokenizer
         RLEditHparams(passes=0)
     with pytest.raises(ValueError, match="refine must be one of"):
         RLEditHparams(refine="newton")
+
+
+def test_subject_keys_add_one_feature_row_per_edit_at_its_subject_and_need_subjects(tokenizer):
+    from rledit.hooks import capture_features
+    from rledit.tokens import encode, with_subject_keys
+    from rledit.types import EditRequest, EditRequestError
+
+    requests = as_requests(load_requests("zsre", "train", limit=4))
+    editor = _editor(tokenizer, memory_init=1.0, passes=2, refine="gradient", key_positions="answer+subject")
+    plain = encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests])
+    marked = with_subject_keys(tokenizer, plain, requests)
+    assert marked.n_answer_tokens == plain.n_answer_tokens and marked.n_key_tokens == plain.n_answer_tokens + 4
+    for row, request in enumerate(requests):  # the marked token is the subject's last, inside the prompt
+        token = marked.input_ids[row][marked.subject_mask[row]]
+        assert tokenizer.decode(token).strip() and tokenizer.decode(token).strip() in request.subject
+    features, answer_only = (capture_features(editor.model, editor.targets, b) for b in (marked, plain))
+    assert features.loss == pytest.approx(answer_only.loss)  # the loss is the answer tokens' alone
+    for name, keys in answer_only.keys.items():  # answer rows are the same rows, subject rows come in between
+        rows = plain.answer_mask[marked.key_mask]
+        assert torch.allclose(features.keys[name][rows], keys) and torch.allclose(features.grads[name][rows],
+                                                                                  answer_only.grads[name])
+    step = editor.apply(requests)
+    keys = next(iter(editor.method.memory.steps[step.id].values()))
+    assert keys.shape[0] == marked.n_key_tokens  # the memory holds the subject rows too
+    before = {k: v.clone() for k, v in editor.model.state_dict().items()}
+    memory_before = editor.method.memory.state_dict()
+    with pytest.raises(EditRequestError, match="key_positions 'answer\\+subject'.*set key_positions: answer"):
+        editor.apply([EditRequest(prompt="What is the capital of Mars?", target_new="Olympus")])
+    with pytest.raises(EditRequestError, match="does not occur in its prompt"):
+        editor.apply([EditRequest(prompt="What is the capital of Mars?", target_new="Olympus", subject="Venus")])
+    assert all(torch.equal(v, before[k]) for k, v in editor.model.state_dict().items())
+    assert all(torch.equal(v, editor.method.memory.state_dict()[k]) for k, v in memory_before.items())
+    with pytest.raises(ValueError, match="key_positions must be one of"):
+        RLEditHparams(key_positions="subject")
+
+
+def test_kept_inverses_follow_the_memory_and_give_the_factored_solve():
+    from rledit.methods.rledit import PenaltyInverses
+
+    keys, shifts, c0 = _system(n=5, d_in=6)
+    g = torch.Generator().manual_seed(1)
+    steps = [torch.randn(4, 6, generator=g) for _ in range(3)]
+    ridge_log, beta, alpha = torch.tensor(-1.0), 0.7, 2.0
+    scalars = (-1.0, beta, alpha)
+    inverses, memory = PenaltyInverses(), torch.zeros(6, 6, dtype=torch.float64)
+    for step in steps:
+        system = lambda: alpha * c0 + beta * memory + ridge_log.double().exp() * torch.eye(6, dtype=torch.float64)
+        inverse = inverses.get("m", scalars, system)
+        fast = ridge_factors(keys, shifts, ridge_log, inverse=inverse)
+        exact = ridge_factors(keys, shifts, ridge_log, alpha * c0 + beta * memory)
+        assert torch.allclose(fast[0] @ fast[1], exact[0] @ exact[1], atol=1e-5)
+        inverses.add_keys("m", scalars, step)  # Woodbury: the next get reuses it
+        memory = memory + step.double().T @ step.double()
+        assert torch.allclose(inverses.entries["m"][1], torch.linalg.inv(system()), atol=1e-9)
+    inverses.add_keys("m", (-1.0, beta, 3.0), steps[0])  # other scalars: the entry is dropped, not updated
+    assert inverses.entries == {} and inverses.nbytes() == 0
+
+
+def test_edit_time_solve_through_kept_inverses_equals_the_factorised_solve(tokenizer):
+    editor = _editor(tokenizer, memory_init=1.0, passes=2, refine="gradient")
+    requests = load_requests("zsre", "train", limit=8)
+    for i in range(3):
+        editor.apply(requests[2 * i:2 * i + 2])
+    method, names = editor.method, [t.name for t in editor.targets]
+    assert set(method.inverses.entries) == set(names)  # built once, then updated at every commit
+    for name in names:
+        assert torch.allclose(method.inverses.entries[name][1], torch.linalg.inv(method.system(name)), atol=1e-8)
+    from rledit.hooks import capture_features
+
+    features = capture_features(editor.model, editor.targets, editor._encode(as_requests(requests[6:])))
+    with torch.no_grad():
+        fast = method.compute_updates(features, editor.targets, update_stats=False)
+    with torch.enable_grad():
+        exact = method.compute_updates(features, editor.targets, update_stats=False)
+    method.memory.discard()
+    for name in names:
+        assert torch.allclose(fast[name][0] @ fast[name][1], (exact[name][0] @ exact[name][1]).detach(),
+                              rtol=1e-4, atol=1e-7)
+    editor.revert(sorted(editor.history)[1])
+    assert method.inverses.entries == {}  # a revert drops them; the next step rebuilds from the memory

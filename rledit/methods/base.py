@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from rledit.targets import EditTarget
+from rledit.tokens import TokenBatch
 from rledit.types import EditRequest
 
 Factors = tuple[torch.Tensor, torch.Tensor]
@@ -84,6 +85,11 @@ class EditMethod:
         if features is None:
             raise UpdateError(f"method {self.name!r} needs the step's features; the editor passed none")
         return self.compute_updates(features, targets)
+
+    def feature_batch(self, tokenizer: Any, requests: Sequence[EditRequest], batch: TokenBatch) -> TokenBatch:
+        """The batch the step's features are captured from, given the requests' encoded prompts + targets.
+        Default: ``batch`` itself (features at the answer positions); RLEdit may mark the subjects too."""
+        return batch
 
     def step_bytes(self, n_tokens: int, targets: Sequence[EditTarget]) -> int:
         """A rough upper estimate of the memory (bytes) :meth:`compute_step` needs beyond the feature capture

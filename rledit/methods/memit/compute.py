@@ -1,7 +1,7 @@
 """Keys and target values of locate-then-edit methods (MEMIT, AlphaEdit), for a batch of edit requests.
 
 * The subject's last token of each prompt is the position where keys are read and where the residual stream
-  is shifted (:func:`subject_last_token`).
+  is shifted (:func:`rledit.tokens.subject_last_token`).
 * :func:`optimise_target_values`: for each request, a residual shift δ added to the output of the last edited
   layer's block at that position is optimised (Adam, all requests at once, each with its own δ and loss) so
   that the model predicts the target: loss = target cross-entropy + kl_factor · KL(p₀ ‖ p) on the essence
@@ -23,59 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rledit.chat import chat_framing
 from rledit.methods.memit.config import LocateEditHparams
 from rledit.methods.runtime import frozen_model
-from rledit.tokens import TokenBatch, answer_logits, encode, text_ids
-from rledit.types import EditRequest, EditRequestError
-
-
-def check_subjects(requests: Sequence[EditRequest], method: str) -> None:
-    """Raise :class:`EditRequestError` unless every request has a subject that occurs in its prompt."""
-    for i, request in enumerate(requests):
-        if request.subject is None:
-            raise EditRequestError(
-                f"{method} needs the subject of every edit (the entity the fact is about, e.g. subject='Danielle "
-                f"Darrieux'); edit {i} ({request.prompt!r}) has none. The bundled zsre and counterfact data "
-                "provide it; use a method that needs no subject (rledit, ultraedit, mend, ft) otherwise"
-            )
-        if request.subject.strip().lower() not in request.prompt.lower():
-            raise EditRequestError(
-                f"{method}: the subject {request.subject!r} of edit {i} does not occur in its prompt "
-                f"{request.prompt!r}; the keys are read at the subject's last token"
-            )
-
-
-def subject_last_token(tokenizer: Any, text: str, subject: str, search_from: int = 0) -> int:
-    """Index of the subject's last token among the prompt tokens of ``text`` that :func:`rledit.tokens.encode`
-    uses (:func:`rledit.tokens.prompt_ids`). The first occurrence of the subject from character
-    ``search_from`` on counts (exact case first); a context prefix before the prompt is skipped so."""
-    text, subject = text.rstrip(), subject.strip()
-    start = text.find(subject, search_from)
-    if start < 0:
-        start = text.lower().find(subject.lower(), search_from)
-    if start < 0:
-        raise EditRequestError(f"subject {subject!r} does not occur in {text!r}")
-    end = start + len(subject)
-    framing = chat_framing(tokenizer)  # chat framing: the template's tokens come first, the text has no BOS
-    offset, framed = (len(framing.before), False) if framing is not None else (0, True)
-    try:
-        encoded = tokenizer(text, add_special_tokens=framed, return_offsets_mapping=True, split_special_tokens=True)
-    except NotImplementedError:  # slow tokenizers have no offsets: count the tokens of the text up to the end
-        return offset + len(text_ids(tokenizer, text[:end], add_special_tokens=framed)) - 1
-    spans = encoded["offset_mapping"]
-    inside = [i for i, (a, b) in enumerate(spans) if b > a and a < end]
-    if not inside:
-        raise EditRequestError(f"no token of {text!r} covers the subject {subject!r}")
-    return offset + inside[-1]
-
-
-def subject_positions(batch: TokenBatch, token_indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, positions) in the padded ``batch`` of each row's token ``token_indices[row]`` (counted from the
-    row's first real token, whatever the padding side)."""
-    first_real = batch.attention_mask.argmax(dim=1)
-    rows = torch.arange(len(token_indices))
-    return rows, first_real + torch.tensor(list(token_indices), dtype=torch.long)
+from rledit.tokens import TokenBatch, answer_logits, encode, subject_last_token, subject_positions
+from rledit.types import EditRequest
 
 
 @contextmanager

@@ -29,21 +29,18 @@ from torch import nn
 
 from rledit.methods.base import EditMethod, Factors, StepFeaturesLike, UpdateError, register_method
 from rledit.methods.memit.compute import (
-    check_subjects,
     edit_rows,
     first_row_of_each,
     keys_and_outputs,
     mean_per_edit,
     optimise_target_values,
-    subject_last_token,
-    subject_positions,
 )
 from rledit.methods.memit.config import LocateEditHparams, MEMITHparams
 from rledit.methods.memit.contexts import context_prefixes
 from rledit.methods.memit.stats import KeyStatistics, load_or_compute_statistics
 from rledit.methods.runtime import temporary_store
 from rledit.targets import EditTarget, TargetError, architecture_of, find_blocks
-from rledit.tokens import context_length, encode
+from rledit.tokens import check_subjects, context_length, encode, subject_last_token, subject_positions
 from rledit.types import EditRequest
 
 

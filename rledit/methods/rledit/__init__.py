@@ -4,14 +4,9 @@ Importing this package registers the methods "rledit" and "malmen" (see :mod:`rl
 """
 
 from rledit.methods.rledit.config import MALMENHparams, RLEditHparams, TrainHparams
-from rledit.methods.rledit.method import (
-    MALMENMethod,
-    RLEditMethod,
-    factored_frobenius_sq,
-    ridge_factors,
-    value_shifts,
-)
+from rledit.methods.rledit.method import MALMENMethod, RLEditMethod
 from rledit.methods.rledit.net import EditorNet, HyperBlock, HyperNetwork, RunningNormalizer
+from rledit.methods.rledit.solve import PenaltyInverses, factored_frobenius_sq, ridge_factors, value_shifts
 
 __all__ = [
     "EditorNet",
@@ -19,6 +14,7 @@ __all__ = [
     "HyperNetwork",
     "MALMENHparams",
     "MALMENMethod",
+    "PenaltyInverses",
     "RLEditHparams",
     "RLEditMethod",
     "RunningNormalizer",

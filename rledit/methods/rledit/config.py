@@ -15,6 +15,7 @@ import torch
 NORMALIZER_MODES = ("frozen", "lifelong")
 LOC_REFERENCES = ("previous", "unedited")
 BACKTRACKING = ("window", "sampled")
+KEY_POSITIONS = ("answer", "answer+subject")
 REFINE = ("network", "gradient")
 
 
@@ -150,6 +151,11 @@ class RLEditHparams:
             in pass 1) or "gradient" (the plain gradient-like shifts d_i = -lr·||k_i||²·g_i with the module's
             learned step size: the network was trained on first-pass features, and on the small residual
             gradients of later passes its output keeps a bias that adds up over passes).
+        key_positions: where a step's features (keys and value-gradients) are read: "answer" (default, the
+            published editor: the positions that predict the answer tokens, so the last prompt token carries
+            most of an edit) or "answer+subject" (also each edit's subject's last token, the position
+            locate-then-edit methods write at, which the edit's paraphrases share and unrelated prompts lack;
+            every edit then needs a subject that occurs in its prompt).
         device: where the hypernetwork, its key memory and C_0 live and the solve runs, e.g. ``cuda:0``
             (None: the device of the model's first parameter). Features come to it from each edited module's
             device and the factors go back to that module's device, so a model placed across devices with a
@@ -168,6 +174,7 @@ class RLEditHparams:
     stats_samples: int = 2000
     passes: int = 1
     refine: Literal["network", "gradient"] = "network"
+    key_positions: Literal["answer", "answer+subject"] = "answer"
     device: str | None = None
     train: TrainHparams = field(default_factory=TrainHparams)
 
@@ -187,6 +194,8 @@ class RLEditHparams:
                 raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda:0', got "
                                  f"{self.device!r} ({exc})") from None
         _require(self.refine in REFINE, f"refine must be one of {REFINE}, got {self.refine!r}")
+        _require(self.key_positions in KEY_POSITIONS,
+                 f"key_positions must be one of {KEY_POSITIONS}, got {self.key_positions!r}")
         _require(self.stats_samples >= 1, f"stats_samples must be >= 1, got {self.stats_samples}")
         _require(
             self.normalizer in NORMALIZER_MODES,

@@ -31,51 +31,11 @@ from rledit.methods.base import EditMethod, StepFeaturesLike, UpdateError, check
 from rledit.methods.memory import KeyMemory, split_memory_state
 from rledit.methods.rledit.config import MALMENHparams, RLEditHparams
 from rledit.methods.rledit.net import HyperNetwork
+from rledit.methods.rledit.solve import PenaltyInverses, ridge_factors, value_shifts
 from rledit.methods.runtime import temporary_store
 from rledit.targets import EditTarget
-from rledit.tokens import context_length, encode
+from rledit.tokens import TokenBatch, context_length, encode, with_subject_keys
 from rledit.types import EditRequest
-
-
-def value_shifts(keys: torch.Tensor, edited_keys: torch.Tensor, edited_grads: torch.Tensor,
-                 lr: torch.Tensor) -> torch.Tensor:
-    """D (N, d_out) with rows d_i = -lr · <k_i, k~_i> · g~_i."""
-    return -lr * (keys * edited_keys).sum(-1, keepdim=True) * edited_grads
-
-
-def ridge_factors(keys: torch.Tensor, shifts: torch.Tensor, ridge_log: torch.Tensor,
-                  penalty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (U, V) of ΔW = argmin ||K ΔW - D||² + e^λ ||ΔW||² + tr(ΔWᵀ P ΔW), the one ridge solve of the
-    hypernetwork family (ALGORITHM.md §4, §4b).
-
-    ``keys`` K (N, d_in), ``shifts`` D (N, d_out), ``ridge_log`` λ (scalar tensor), ``penalty`` P (d_in × d_in,
-    symmetric positive semi-definite, e.g. β·C_mem + α·C_0) or None. Returns fp32 tensors; differentiable in
-    D, λ and P.
-
-    * Without ``penalty``: U = Kᵀ, V = (K Kᵀ + e^λ I_N)⁻¹ D, an N×N system (push-through identity).
-    * With it, A = e^λ I + P: U = A⁻¹ Kᵀ (d_in × N, by a Cholesky solve of the d_in × d_in system) and
-      V = (K U + I_N)⁻¹ D (Woodbury), so ΔW = U V = (KᵀK + A)⁻¹ Kᵀ D keeps rank ≤ N. Cost O(d_in³ + d_in² N)
-      per module and step: milliseconds at d_in = 576 or 1536.
-    """
-    keys64 = keys.to(torch.float64)
-    n, d_in = keys.shape
-    ridge = ridge_log.to(torch.float64).exp()
-    try:
-        if penalty is None:
-            system = keys64 @ keys64.T + ridge * torch.eye(n, dtype=torch.float64, device=keys.device)
-            return keys.T.to(torch.float32), torch.linalg.solve(system, shifts.to(torch.float64)).to(torch.float32)
-        system = penalty.to(torch.float64) + ridge * torch.eye(d_in, dtype=torch.float64, device=keys.device)
-        left = torch.cholesky_solve(keys64.T, torch.linalg.cholesky(system))
-        inner = keys64 @ left + torch.eye(n, dtype=torch.float64, device=keys.device)
-        return left.to(torch.float32), torch.linalg.solve(inner, shifts.to(torch.float64)).to(torch.float32)
-    except torch.linalg.LinAlgError as error:
-        raise UpdateError(f"the ridge system is singular or not positive definite (λ = {float(ridge_log):.3g}): "
-                          f"{error}")
-
-
-def factored_frobenius_sq(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """||U V||²_F without forming U V: sum((UᵀU) ⊙ (V Vᵀ)), O(r²(d_in + d_out)). Differentiable."""
-    return ((u.T @ u) * (v @ v.T)).sum()
 
 
 @register_method("rledit")
@@ -96,6 +56,7 @@ class RLEditMethod(EditMethod):
         self.memory: KeyMemory | None = None  # keys of the applied steps (memory-aware solve only)
         self.corpus_moments: dict[str, torch.Tensor] = {}  # C_0 per module (corpus_init > 0 only)
         self.statistics_report: dict[str, Any] = {}
+        self.inverses = PenaltyInverses()  # A⁻¹ per module at edit time (rledit.methods.rledit.solve)
 
     def prepare(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget]) -> None:
         """Build the hypernetwork for ``targets`` (or check that the loaded one fits them) on the model's
@@ -148,6 +109,19 @@ class RLEditMethod(EditMethod):
             terms.append(net.corpus_weight(name).to(torch.float64) * self.corpus_moments[name])
         return sum(terms) if terms else None
 
+    def scalars(self, name: str) -> tuple[float, float, float]:
+        """Module ``name``'s (λ, β, α) as numbers: what an edit-time inverse of A was built for."""
+        net = self.hypernet
+        return tuple(float(t.detach()) for t in (net.ridge(name), net.memory_weight(name), net.corpus_weight(name)))
+
+    def system(self, name: str) -> torch.Tensor:
+        """A = e^λ I + β C_mem + α C_0 of module ``name`` (fp64, d_in × d_in)."""
+        d_in = self.hypernet.module_shapes[name][0]
+        eye = torch.eye(d_in, dtype=torch.float64, device=self.hypernet.log_lr.device)
+        penalty = self.penalty(name)
+        ridge = self.hypernet.ridge(name).detach().to(torch.float64).exp() * eye
+        return ridge if penalty is None else ridge + penalty.detach()
+
     def step_bytes(self, n_tokens: int, targets: Sequence[EditTarget]) -> int:
         """Per module, one after the other: the fp64 N×N system and its factorisation (and the d_in×d_in one
         of the memory-aware solve), the network's copies of the features; the factors of every module are kept."""
@@ -155,31 +129,46 @@ class RLEditMethod(EditMethod):
         memory_solve = self.memory is not None or bool(self.corpus_moments)
         per_module = [24 * n * n + (24 * t.d_in * t.d_in + 8 * t.d_in * n if memory_solve else 0)
                       + 32 * n * (t.d_in + t.d_out) for t in targets]
-        kept = sum(4 * n * (t.d_in + t.d_out) for t in targets)
-        return int(max(per_module, default=0) + kept)
+        kept = sum(4 * n * (t.d_in + t.d_out) + (8 * t.d_in * t.d_in if memory_solve else 0) for t in targets)
+        return int(max(per_module, default=0) + kept - self.inverses.nbytes())
 
     def module_update(self, name: str, keys: torch.Tensor, edited_keys: torch.Tensor,
                       edited_grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One module's factors from its keys and the network's outputs: value shifts, then the ridge solve."""
+        """One module's factors from its keys and the network's outputs: value shifts, then the ridge solve (at
+        edit time, without gradients, through the kept inverse of A when the solve has a penalty)."""
         net = self.hypernet
         shifts = value_shifts(keys, edited_keys, edited_grads, net.lr(name))
+        penalised = (self.memory is not None and len(self.memory)) or bool(self.corpus_moments)
+        if penalised and not torch.is_grad_enabled():
+            inverse = self.inverses.get(name, self.scalars(name), lambda: self.system(name))
+            return ridge_factors(keys, shifts, net.ridge(name), inverse=inverse)
         return ridge_factors(keys, shifts, net.ridge(name), self.penalty(name))
+
+    def feature_batch(self, tokenizer: Any, requests: Sequence[EditRequest], batch: TokenBatch) -> TokenBatch:
+        """``batch`` with the subjects' last tokens marked as key positions when ``key_positions`` says so."""
+        if getattr(self.hparams, "key_positions", "answer") == "answer+subject":  # MEND (a subclass) has none
+            return with_subject_keys(tokenizer, batch, requests, self.name)
+        return batch
 
     # the editor tells the method which computed steps were applied and reverted (key memory bookkeeping)
     def step_applied(self, step_id: int) -> None:
-        """The last computed step was applied as ``step_id``: its keys join the memory."""
+        """The last computed step was applied as ``step_id``: its keys join the memory (and the kept inverses)."""
         if self.memory is not None:
             self.memory.commit(step_id)
+            for name, keys in self.memory.steps[step_id].items():
+                self.inverses.add_keys(name, self.scalars(name), keys)
 
     def step_reverted(self, step_id: int) -> None:
         """Step ``step_id`` was reverted: its keys leave the memory."""
         if self.memory is not None:
             self.memory.revert(step_id)
+            self.inverses.clear()
 
     def steps_cleared(self) -> None:
         """Every step was removed (a new training episode): the memory is emptied."""
         if self.memory is not None:
             self.memory.reset()
+            self.inverses.clear()
 
     def compute_updates(self, features: StepFeaturesLike, targets: Sequence[EditTarget] = (),
                         update_stats: bool | None = None,
@@ -226,8 +215,8 @@ class RLEditMethod(EditMethod):
         if passes == 1:
             return updates
         staged = self.memory.staged if self.memory is not None else None
-        batch = encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
-                       max_length=context_length(model))
+        batch = self.feature_batch(tokenizer, requests, encode(
+            tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], max_length=context_length(model)))
         with temporary_store(model, targets) as store:
             for _ in range(passes - 1):
                 with store.pending(updates):
@@ -274,6 +263,7 @@ class RLEditMethod(EditMethod):
             except ValueError as error:
                 raise UpdateError(str(error)) from error
         self.hypernet.load_state_dict(state)
+        self.inverses.clear()
 
 
 @register_method("malmen")

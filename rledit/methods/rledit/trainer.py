@@ -50,8 +50,9 @@ from rledit.eval.relations import same_relation_pair
 from rledit.files import atomic_file, write_text_atomically
 from rledit.hooks import answer_token_loss, capture_features
 from rledit.methods.memory import split_memory_state
-from rledit.methods.rledit.method import RLEditMethod, factored_frobenius_sq
+from rledit.methods.rledit.method import RLEditMethod
 from rledit.methods.rledit.net import shared_statistics
+from rledit.methods.rledit.solve import factored_frobenius_sq
 from rledit.prefix import Prefix
 from rledit.tokens import TokenBatch, answer_logits, encode
 from rledit.types import EditRequest
@@ -339,7 +340,8 @@ class RLEditTrainer:
             pairs = (same_relation_pair(r, half="train") for r in requests)
             loc += [pair for pair in pairs if pair is not None and pair[0] not in self.episode_prompts]
         batches = [  # left padding: answers end every row, so answer_logits projects few positions
-            encode(tok, [r.prompt for r in requests], [r.target_new for r in requests], padding_side="left"),
+            self.method.feature_batch(tok, requests, encode(
+                tok, [r.prompt for r in requests], [r.target_new for r in requests], padding_side="left")),
             encode(tok, gen_prompts, gen_targets, padding_side="left"),
             encode(tok, [prompt for prompt, _ in loc], [answer for _, answer in loc], padding_side="left"),
         ]

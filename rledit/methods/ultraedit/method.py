@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from rledit.methods.base import EditMethod, StepFeaturesLike, UpdateError, check_updates, register_method
-from rledit.methods.rledit.method import _check_features, ridge_factors, value_shifts
+from rledit.methods.rledit.method import _check_features
 from rledit.methods.rledit.net import RunningNormalizer
+from rledit.methods.rledit.solve import ridge_factors, value_shifts
 from rledit.methods.ultraedit.config import UltraEditHparams
 from rledit.targets import EditTarget
 
