@@ -108,10 +108,10 @@ def main() -> None:
                "version": rledit.__version__, "seed": "d_in", "rows": rows}
     out = Path(args.out)
     write_text_atomically(out / "solve_cost.json", json.dumps(summary, indent=1) + "\n")
-    lines = [f"Memory-aware solve per module and edit step ({args.tokens} tokens, {args.passes} passes, "
-             f"{args.device}, {summary['threads']} threads; `{summary['command']}`)", "",
-             "| d_in | factorised s/step | kept inverse s/step | speed-up | inverse built once, s | "
-             "one d_in² fp64 matrix, GiB | max rel. difference |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [(f"Memory-aware solve per module and edit step ({args.tokens} tokens, {args.passes} passes, "
+             f"{args.device}, {summary['threads']} threads; `{summary['command']}`)"), "",
+             ("| d_in | factorised s/step | kept inverse s/step | speed-up | inverse built once, s | "
+             "one d_in² fp64 matrix, GiB | max rel. difference |"), "|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['d_in']} | {r['factorised_seconds_per_step']} | {r['kept_inverse_seconds_per_step']} | "
               f"{r['speedup']}× | {r['kept_inverse_build_seconds']} | {r['fp64_matrix_gib']} | "
               f"{r['max_relative_difference']} |" for r in rows]

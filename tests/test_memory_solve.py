@@ -231,8 +231,10 @@ def test_kept_inverses_follow_the_memory_and_give_the_factored_solve():
     ridge_log, beta, alpha = torch.tensor(-1.0), 0.7, 2.0
     scalars = (-1.0, beta, alpha)
     inverses, memory = PenaltyInverses(), torch.zeros(6, 6, dtype=torch.float64)
+    def system():
+        return alpha * c0 + beta * memory + ridge_log.double().exp() * torch.eye(6, dtype=torch.float64)
+
     for step in steps:
-        system = lambda: alpha * c0 + beta * memory + ridge_log.double().exp() * torch.eye(6, dtype=torch.float64)
         inverse = inverses.get("m", scalars, system)
         fast = ridge_factors(keys, shifts, ridge_log, inverse=inverse)
         exact = ridge_factors(keys, shifts, ridge_log, alpha * c0 + beta * memory)

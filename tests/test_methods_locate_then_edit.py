@@ -88,6 +88,10 @@ def test_training_split_corpora_leave_the_validation_half_out():
     assert not held_facts & set(facts.texts)
     questions = load_corpus("zsre-train-questions", limit=3)
     assert len(questions.texts) == 3 and all("?" in t for t in questions.texts)
+    zsre = load_requests("zsre", split="train")
+    zsre_facts = load_corpus("zsre-train-facts", limit=100_000)
+    assert set(zsre_facts.texts) == {f"{r.prompt} {r.ground_truth}" for r in zsre if in_half(r, "train")}
+    assert not {f"{r.prompt} {r.ground_truth}" for r in zsre if in_half(r, "metric")} & set(zsre_facts.texts)
 
 
 # ---------------------------------------------------------------------------------------------- statistics

@@ -19,7 +19,7 @@ class LocateEditHparams:
             bundled English sentences, ``data/corpus/sst2_sentences.txt.gz``), a text file (one text per line,
             ``.txt`` or ``.txt.gz``; ``.jsonl``/``.jsonl.gz`` with a ``corpus_column`` field), a folder saved
             with ``datasets.Dataset.save_to_disk``, or a ``datasets`` dataset name. Never the edit benchmark.
-            Also ``zsre-train-questions`` and ``counterfact-train-facts`` (built from the bundled training
+            Also ``zsre-train-questions``, ``zsre-train-facts`` and ``counterfact-train-facts`` (built from the bundled training
             splits' "train" half), ``model-samples`` (text the model writes itself, standing for its
             pre-training text: :mod:`rledit.methods.memit.samples`), and mixes ``a+b+...`` of any of these,
             their texts taken in turn.

@@ -16,7 +16,7 @@ from pathlib import Path
 from rledit.data.files import data_dir
 
 BUNDLED_CORPORA = {"sst2": "corpus/sst2_sentences.txt.gz"}  # name -> file under the data folder
-QUESTION_CORPORA = ("zsre-train-questions", "counterfact-train-facts")  # built from the bundled training splits
+QUESTION_CORPORA = ("zsre-train-questions", "zsre-train-facts", "counterfact-train-facts")  # built from the bundled training splits
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
@@ -42,6 +42,8 @@ def load_corpus(source: str, limit: int, split: str = "train", column: str = "te
         raise CorpusError(f"the corpus sample size must be >= 1, got {limit}")
     if source == "zsre-train-questions":
         return _question_corpus(limit)
+    if source == "zsre-train-facts":
+        return _zsre_fact_corpus(limit)
     if source == "counterfact-train-facts":
         return _fact_corpus(limit)
     if source in BUNDLED_CORPORA:
@@ -72,6 +74,22 @@ def _question_corpus(limit: int) -> Corpus:
         raise CorpusError("the zsRE training split holds no NQ locality questions")
     digest = hashlib.sha256(dataset_file("zsre", "train").read_bytes()).hexdigest()[:12]
     return Corpus(texts[:limit], f"zsre_train_questions-{digest}")
+
+
+def _zsre_fact_corpus(limit: int) -> Corpus:
+    """"zsre-train-facts": the zsRE training records of the "train" half of :mod:`rledit.eval.relations`, each
+    question followed by its true answer, in file order. They stand for the questions *about other subjects*,
+    asked with an edit's own template, that the edit must leave alone (what ``relation_locality`` scores on
+    the other half)."""
+    from rledit.data import dataset_file, load_requests
+    from rledit.eval.relations import in_half
+
+    texts = [f"{record.prompt.rstrip()} {record.ground_truth.strip()}" for record in load_requests("zsre", split="train")
+             if in_half(record, "train") and record.ground_truth and record.ground_truth.strip()]
+    if not texts:
+        raise CorpusError("the zsRE training split holds no true answers")
+    digest = hashlib.sha256(dataset_file("zsre", "train").read_bytes()).hexdigest()[:12]
+    return Corpus(texts[:limit], f"zsre_train_facts-{digest}")
 
 
 def _fact_corpus(limit: int) -> Corpus:
