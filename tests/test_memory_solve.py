@@ -268,3 +268,20 @@ def test_edit_time_solve_through_kept_inverses_equals_the_factorised_solve(token
                               rtol=1e-4, atol=1e-7)
     editor.revert(sorted(editor.history)[1])
     assert method.inverses.entries == {}  # a revert drops them; the next step rebuilds from the memory
+
+
+def test_later_passes_skip_the_unedited_layers_and_give_the_same_update(tokenizer, monkeypatch):
+    from rledit.prefix import Prefix
+
+    requests = load_requests("zsre", "train", limit=4)
+    runs = {}
+    for skipped in (True, False):
+        if not skipped:
+            monkeypatch.setattr(Prefix, "for_targets", classmethod(lambda cls, model, targets: None))
+        editor = _editor(tokenizer, memory_init=1.0, passes=3, refine="gradient")
+        assert editor.targets[0].layer > 0  # there are unedited layers below the edited ones
+        editor.apply(requests[:2])
+        editor.apply(requests[2:])
+        runs[skipped] = {t.name: editor.store.delta(t.name) for t in editor.targets}
+    for name, delta in runs[True].items():
+        assert torch.allclose(delta, runs[False][name], rtol=1e-4, atol=1e-6)

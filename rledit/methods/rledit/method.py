@@ -21,6 +21,7 @@ a small e^λ is badly conditioned for fp32.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from rledit.methods.rledit.config import MALMENHparams, RLEditHparams
 from rledit.methods.rledit.net import HyperNetwork
 from rledit.methods.rledit.solve import PenaltyInverses, ridge_factors, value_shifts
 from rledit.methods.runtime import temporary_store
+from rledit.prefix import Prefix
 from rledit.targets import EditTarget
 from rledit.tokens import TokenBatch, context_length, encode, with_subject_keys
 from rledit.types import EditRequest
@@ -209,7 +211,9 @@ class RLEditMethod(EditMethod):
         """One edit step in ``hparams.passes`` passes (step 5 of the module docstring): the update from the step's features,
         then, per further pass, the update computed from the features captured again with the passes so far
         applied, appended to the factors (ΔW = Σ_p U_p V_p). Later passes leave the normaliser's statistics
-        alone, and the key memory keeps the first pass's keys (one step, one entry)."""
+        alone, and the key memory keeps the first pass's keys (one step, one entry). The layers below the
+        lowest edited one do not change between passes: they run once, and each later pass runs only the
+        layers from the edited ones up (:class:`rledit.prefix.Prefix`, where the architecture allows)."""
         updates = super().compute_step(model, tokenizer, targets, requests, features)
         passes = getattr(self.hparams, "passes", 1)  # MEND (a subclass) has one pass
         if passes == 1:
@@ -217,7 +221,10 @@ class RLEditMethod(EditMethod):
         staged = self.memory.staged if self.memory is not None else None
         batch = self.feature_batch(tokenizer, requests, encode(
             tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], max_length=context_length(model)))
-        with temporary_store(model, targets) as store:
+        prefix = Prefix.for_targets(model, targets)  # the layers below the edited ones: computed once for all passes
+        if prefix is not None:
+            batch = prefix.attach(batch)
+        with temporary_store(model, targets) as store, prefix.skipped() if prefix is not None else nullcontext():
             for _ in range(passes - 1):
                 with store.pending(updates):
                     more = self.compute_updates(capture_features(model, targets, batch), targets,
