@@ -31,7 +31,7 @@ from rledit.methods.memit import (
     load_or_compute_statistics,
 )
 from rledit.methods.memit.contexts import context_prefixes
-from rledit.methods.memit.stats import KeyStatistics
+from rledit.methods.memit.stats import KeyStatistics, corpus_texts
 from rledit.targets import find_blocks, resolve_targets
 from rledit.types import EditRequest
 
@@ -114,6 +114,29 @@ def test_second_moments_match_a_text_by_text_reference(tokenizer, corpus_file):
     for target in targets:
         keys = torch.cat(seen[target.name])
         assert torch.allclose(stats.second_moments[target.name], keys.T @ keys / n_tokens, rtol=1e-5, atol=1e-9)
+
+
+def test_answer_position_statistics_count_the_keys_an_edit_would_read(tokenizer):
+    from rledit.hooks import capture_features
+    from rledit.tokens import encode
+
+    model = tiny_model("llama")
+    targets = resolve_targets(model, [1, 2], ["gate_proj"])
+    corpus = "zsre-train-questions+zsre-train-facts"
+    stats = load_or_compute_statistics(model, tokenizer, targets, corpus, 6, 128, 4, positions="answers")
+    texts = corpus_texts(model, tokenizer, corpus, 6, 128)
+    pairs = [(t[:a], t[a:].strip()) for t, a in zip(texts.texts, texts.answer_starts)]
+    assert len(pairs) == 6 and all(answer for _, answer in pairs) and "_answers_" in stats.path.name
+    features = capture_features(model, targets, encode(tokenizer, [p for p, _ in pairs], [a for _, a in pairs]))
+    assert stats.n_tokens == features.n_tokens
+    for target in targets:
+        keys = features.keys[target.name].double()
+        assert torch.allclose(stats.second_moments[target.name], keys.T @ keys / features.n_tokens, rtol=1e-4,
+                              atol=1e-8)
+    everything = load_or_compute_statistics(model, tokenizer, targets, corpus, 6, 128, 4)
+    assert everything.n_tokens > stats.n_tokens and everything.path != stats.path
+    with pytest.raises(ValueError, match="need a question-answer corpus"):
+        load_or_compute_statistics(model, tokenizer, targets, "sst2", 6, 128, 4, positions="answers")
 
 
 def test_a_token_budget_counts_exactly_that_many_tokens(tokenizer, corpus_file):

@@ -31,6 +31,15 @@ class Corpus:
 
     texts: list[str]
     identifier: str  # e.g. "sst2_sentences-3c1f9a0e2b7d"
+    answer_starts: list[int] | None = None  # question-answer corpora: where each text's " answer" begins
+
+
+def _pairs(pairs: list[tuple[str, str]], limit: int, identifier: str) -> Corpus:
+    """A corpus of "prompt answer" texts that remembers where each answer begins (for answer-position
+    statistics, ``positions="answers"`` in :func:`rledit.methods.memit.stats.load_or_compute_statistics`)."""
+    pairs = pairs[:limit]
+    return Corpus([f"{prompt} {answer}" for prompt, answer in pairs], identifier,
+                  [len(prompt) for prompt, _ in pairs])
 
 
 def load_corpus(source: str, limit: int, split: str = "train", column: str = "text") -> Corpus:
@@ -68,12 +77,12 @@ def _question_corpus(limit: int) -> Corpus:
     from rledit.eval.protocols import as_question
     from rledit.eval.relations import in_half
 
-    texts = [f"{as_question(item.prompt)} {item.answer}" for record in load_requests("zsre", split="train")
+    pairs = [(as_question(item.prompt), item.answer) for record in load_requests("zsre", split="train")
              if in_half(record, "train") for item in record.locality if item.kind == "nq"]
-    if not texts:
+    if not pairs:
         raise CorpusError("the zsRE training split holds no NQ locality questions")
     digest = hashlib.sha256(dataset_file("zsre", "train").read_bytes()).hexdigest()[:12]
-    return Corpus(texts[:limit], f"zsre_train_questions-{digest}")
+    return _pairs(pairs, limit, f"zsre_train_questions-{digest}")
 
 
 def _zsre_fact_corpus(limit: int) -> Corpus:
@@ -84,12 +93,12 @@ def _zsre_fact_corpus(limit: int) -> Corpus:
     from rledit.data import dataset_file, load_requests
     from rledit.eval.relations import in_half
 
-    texts = [f"{record.prompt.rstrip()} {record.ground_truth.strip()}" for record in load_requests("zsre", split="train")
+    pairs = [(record.prompt.rstrip(), record.ground_truth.strip()) for record in load_requests("zsre", split="train")
              if in_half(record, "train") and record.ground_truth and record.ground_truth.strip()]
-    if not texts:
+    if not pairs:
         raise CorpusError("the zsRE training split holds no true answers")
     digest = hashlib.sha256(dataset_file("zsre", "train").read_bytes()).hexdigest()[:12]
-    return Corpus(texts[:limit], f"zsre_train_facts-{digest}")
+    return _pairs(pairs, limit, f"zsre_train_facts-{digest}")
 
 
 def _fact_corpus(limit: int) -> Corpus:
@@ -105,17 +114,17 @@ def _fact_corpus(limit: int) -> Corpus:
     # other half (its edits and neighbourhoods), so a validation stream drawn from it is never in the statistics
     held_out = {p.rstrip() for r in records if in_half(r, "metric")
                 for p in (r.prompt, *(item.prompt for item in r.locality))}
-    texts = []
+    pairs = []
     for record in records:
         if not in_half(record, "train"):
             continue
         facts = [(record.prompt, record.ground_truth)] + [(item.prompt, item.answer) for item in record.locality]
-        texts += [f"{prompt.rstrip()} {answer.strip()}" for prompt, answer in facts
+        pairs += [(prompt.rstrip(), answer.strip()) for prompt, answer in facts
                   if answer and prompt.rstrip() not in held_out]
-    if not texts:
+    if not pairs:
         raise CorpusError("the CounterFact training split holds no true facts")
     digest = hashlib.sha256(dataset_file("counterfact", "train").read_bytes()).hexdigest()[:12]
-    return Corpus(texts[:limit], f"counterfact_train_facts2-{digest}")
+    return _pairs(pairs, limit, f"counterfact_train_facts2-{digest}")
 
 
 def _file_corpus(path: Path, limit: int, column: str) -> Corpus:

@@ -29,13 +29,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rledit.files import atomic_file
-from rledit.methods.memit.corpus import Corpus, load_corpus
+from rledit.methods.memit.corpus import QUESTION_CORPORA, Corpus, load_corpus
 from rledit.methods.runtime import frozen_model
 from rledit.models import cache_root
 from rledit.targets import EditTarget, find_blocks
 from rledit.tokens import text_ids
 
 STATS_FORMAT = "rledit-key-stats-v1"
+POSITIONS = ("all", "answers")  # which tokens of each corpus text the statistics count
 
 
 @dataclass
@@ -68,7 +69,8 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def statistics_file(model: nn.Module, targets: Sequence[EditTarget], corpus_id: str, samples: int,
-                    max_length: int, max_tokens: int | None = None) -> tuple[Path, dict[str, Any]]:
+                    max_length: int, max_tokens: int | None = None,
+                    positions: str = "all") -> tuple[Path, dict[str, Any]]:
     """The cache file for these statistics and the description hashed into its name."""
     description = {
         "format": STATS_FORMAT,
@@ -81,6 +83,8 @@ def statistics_file(model: nn.Module, targets: Sequence[EditTarget], corpus_id: 
     }
     if max_tokens is not None:  # (absent from older cache keys, which stay valid)
         description["max_tokens"] = max_tokens
+    if positions != "all":
+        description["positions"] = positions
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
     layers = sorted({t.layer for t in targets})
     modules = "+".join(dict.fromkeys(t.name.rsplit(".", 1)[-1] for t in targets))
@@ -88,24 +92,37 @@ def statistics_file(model: nn.Module, targets: Sequence[EditTarget], corpus_id: 
         ".".join(map(str, layers))
     corpus_name = "+".join(part.rsplit("-", 1)[0] for part in corpus_id.split("+"))
     tokens = f"_t{max_tokens}" if max_tokens is not None else ""
-    slug = _slug(f"{description['model']}_L{layer_text}.{modules}_{corpus_name}_n{samples}{tokens}")
+    where = f"_{positions}" if positions != "all" else ""
+    slug = _slug(f"{description['model']}_L{layer_text}.{modules}_{corpus_name}_n{samples}{tokens}{where}")
     return cache_root() / "stats" / f"{slug}_{key}.safetensors", description
 
 
 def load_or_compute_statistics(model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget], corpus: str,
                                samples: int, max_length: int, batch_size: int, split: str = "train",
-                               column: str = "text", max_tokens: int | None = None) -> KeyStatistics:
+                               column: str = "text", max_tokens: int | None = None,
+                               positions: str = "all") -> KeyStatistics:
     """The key statistics of ``targets`` on the first ``samples`` texts of ``corpus`` (and at most
     ``max_tokens`` tokens of them): read from the cache when they were computed before for the same model,
-    modules, corpus and sizes; otherwise computed (with a progress bar) and written to the cache atomically."""
+    modules, corpus and sizes; otherwise computed (with a progress bar) and written to the cache atomically.
+
+    ``positions="answers"`` counts only the tokens an edit's features are read at, had the text been an edit
+    (the prompt's last token and the answer's tokens but the last), for question-answer corpora
+    (``zsre-train-questions``, ``zsre-train-facts``, ``counterfact-train-facts`` and mixes of them); "all"
+    (default) counts every token."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     text_corpus = corpus_texts(model, tokenizer, corpus, samples, max_length, split, column)
-    path, description = statistics_file(model, targets, text_corpus.identifier, samples, max_length, max_tokens)
+    if positions == "answers" and text_corpus.answer_starts is None:
+        raise ValueError(f"answer-position statistics need a question-answer corpus ({', '.join(QUESTION_CORPORA)}"
+                         f" or a mix of them); {corpus!r} is plain text")
+    path, description = statistics_file(model, targets, text_corpus.identifier, samples, max_length, max_tokens,
+                                        positions)
     device = next(model.parameters()).device
     if path.is_file():
         return _read(path, targets, device)
     start = time.perf_counter()
     moments, n_tokens = compute_second_moments(model, tokenizer, targets, text_corpus, max_length, batch_size,
-                                               max_tokens)
+                                               max_tokens, answers_only=positions == "answers")
     seconds = time.perf_counter() - start
     meta = dict(description, n_texts=len(text_corpus.texts), n_tokens=n_tokens, compute_seconds=seconds)
     _write(path, {name: m.to(torch.float32) for name, m in moments.items()}, meta)
@@ -128,17 +145,23 @@ def corpus_texts(model: nn.Module, tokenizer: Any, corpus: str, samples: int, ma
             loaded.append(load_corpus(part, samples, split, column))
     if len(loaded) == 1:
         return loaded[0]
-    mixed = [text for group in itertools.zip_longest(*(c.texts for c in loaded)) for text in group if text]
-    return Corpus(mixed[:samples], "+".join(c.identifier for c in loaded))
+    starts = [c.answer_starts if c.answer_starts is not None else [None] * len(c.texts) for c in loaded]
+    mixed = [item for group in itertools.zip_longest(*(zip(c.texts, s) for c, s in zip(loaded, starts)))
+             for item in group if item is not None and item[0]][:samples]
+    known = all(c.answer_starts is not None for c in loaded)
+    return Corpus([text for text, _ in mixed], "+".join(c.identifier for c in loaded),
+                  [start for _, start in mixed] if known else None)
 
 
 @torch.no_grad()
 def compute_second_moments(model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget], corpus: Corpus,
                            max_length: int, batch_size: int,
-                           max_tokens: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                           max_tokens: int | None = None,
+                           answers_only: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """E[k kᵀ] (fp64) of every target's inputs over the tokens of ``corpus`` (texts cut to ``max_length``
     tokens; at most ``max_tokens`` tokens in all, the last text cut), and the number of tokens. The forward stops
-    after the last edited layer."""
+    after the last edited layer. ``answers_only`` keeps, of each text, only its answer positions (the prompt's
+    last token up to the answer's last but one; ``corpus.answer_starts`` says where the answers begin)."""
     device = next(model.parameters()).device
     sums = {t.name: torch.zeros(t.d_in, t.d_in, dtype=torch.float64, device=device) for t in targets}
     mask_holder: dict[str, torch.Tensor] = {}
@@ -165,24 +188,38 @@ def compute_second_moments(model: nn.Module, tokenizer: Any, targets: Sequence[E
                     break
                 texts = corpus.texts[begin:begin + batch_size]
                 input_ids, attention = _right_padded(tokenizer, texts, max_length)
+                counted = attention if not answers_only else attention * _answer_positions(
+                    tokenizer, texts, corpus.answer_starts[begin:begin + batch_size], attention)
                 if max_tokens is not None:  # the tokens past the budget (row-major) are not counted
-                    attention = attention * (attention.flatten().cumsum(0) <= max_tokens - n_tokens).reshape(
-                        attention.shape).long()
-                    kept = attention.any(1)
-                    input_ids, attention = input_ids[kept], attention[kept]
-                mask_holder["mask"] = attention.bool().to(device)
+                    counted = counted * (counted.flatten().cumsum(0) <= max_tokens - n_tokens).reshape(
+                        counted.shape).long()
+                    if not answers_only:  # nor run: the model sees each text up to its last counted token
+                        attention = counted
+                    kept = counted.any(1)
+                    input_ids, attention, counted = input_ids[kept], attention[kept], counted[kept]
+                mask_holder["mask"] = counted.bool().to(device)
                 positions = (attention.cumsum(1) - 1).clamp(min=0)
                 try:
                     model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                           position_ids=positions.to(device), use_cache=False)
                 except _StopForward:
                     pass
-                n_tokens += int(attention.sum())
+                n_tokens += int(counted.sum())
                 bar.update(len(texts))
     finally:
         for handle in handles:
             handle.remove()
     return {name: total / max(n_tokens, 1) for name, total in sums.items()}, n_tokens
+
+
+def _answer_positions(tokenizer: Any, texts: list[str], starts: list[int], attention: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1: per right-padded row, the positions from the prompt's last token to the last token but one."""
+    mask = torch.zeros_like(attention)
+    for row, (text, start) in enumerate(zip(texts, starts)):
+        first = len(text_ids(tokenizer, text[:start].rstrip())) - 1
+        last = int(attention[row].sum()) - 1
+        mask[row, max(first, 0):last] = 1
+    return mask
 
 
 def _right_padded(tokenizer: Any, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ NORMALIZER_MODES = ("frozen", "lifelong")
 LOC_REFERENCES = ("previous", "unedited")
 BACKTRACKING = ("window", "sampled")
 KEY_POSITIONS = ("answer", "answer+subject")
+CORPUS_POSITIONS = ("all", "answers")
 REFINE = ("network", "gradient")
 
 
@@ -143,6 +144,10 @@ class RLEditHparams:
             statistics MEMIT/AlphaEdit use, computed once and cached); 0 (default) leaves C_0 out.
         corpus: the text C_0 is estimated on (see MEMIT's ``corpus``); used only when corpus_init > 0.
         stats_samples: how many corpus texts C_0 is estimated on.
+        corpus_positions: which tokens of each corpus text C_0 counts: "all" (default) or "answers", only the
+            positions an edit's features would be read at had the text been an edit (its question's last token
+            and its answer's tokens), for the question-answer corpora (zsre-train-questions, zsre-train-facts,
+            counterfact-train-facts): the keys where other facts are read out, which an edit must leave alone.
         passes: edit passes per step at edit time (rledit.methods.rledit.method, step 5). Pass 1 is the update above; each further
             pass captures the step's features again on the model with the passes so far applied and adds the
             update of what is still missing, through the same solve (rank ≤ passes·N). 1 (default) is the
@@ -172,6 +177,7 @@ class RLEditHparams:
     corpus_init: float = 0.0
     corpus: str = "sst2"
     stats_samples: int = 2000
+    corpus_positions: Literal["all", "answers"] = "all"
     passes: int = 1
     refine: Literal["network", "gradient"] = "network"
     key_positions: Literal["answer", "answer+subject"] = "answer"
@@ -196,6 +202,8 @@ class RLEditHparams:
         _require(self.refine in REFINE, f"refine must be one of {REFINE}, got {self.refine!r}")
         _require(self.key_positions in KEY_POSITIONS,
                  f"key_positions must be one of {KEY_POSITIONS}, got {self.key_positions!r}")
+        _require(self.corpus_positions in CORPUS_POSITIONS,
+                 f"corpus_positions must be one of {CORPUS_POSITIONS}, got {self.corpus_positions!r}")
         _require(self.stats_samples >= 1, f"stats_samples must be >= 1, got {self.stats_samples}")
         _require(
             self.normalizer in NORMALIZER_MODES,

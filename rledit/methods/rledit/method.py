@@ -73,11 +73,12 @@ class RLEditMethod(EditMethod):
             from rledit.methods.memit.stats import load_or_compute_statistics
 
             stats = load_or_compute_statistics(model, tokenizer, targets, hp.corpus, hp.stats_samples, 128, 32,
-                                               "train", "text")
+                                               "train", "text", positions=hp.corpus_positions)
             self.corpus_moments = {name: m.to(device, torch.float64) for name, m in stats.second_moments.items()}
             self.statistics_report = {"statistics": {"file": str(stats.path), "cached": stats.cached,
                                                      "n_texts": stats.n_texts, "n_tokens": stats.n_tokens,
-                                                     "compute_seconds": round(stats.compute_seconds, 3)}}
+                                                     "compute_seconds": round(stats.compute_seconds, 3),
+                                                     "positions": hp.corpus_positions}}
 
     def setup_report(self) -> dict[str, Any]:
         """Where the corpus statistics C_0 came from (when the solve uses them)."""
