@@ -198,6 +198,8 @@ def test_subject_keys_add_one_feature_row_per_edit_at_its_subject_and_need_subje
     plain = encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests])
     marked = with_subject_keys(tokenizer, plain, requests)
     assert marked.n_answer_tokens == plain.n_answer_tokens and marked.n_key_tokens == plain.n_answer_tokens + 4
+    subjects_only = with_subject_keys(tokenizer, plain, requests, answers=False)
+    assert subjects_only.n_key_tokens == 4 and torch.equal(subjects_only.key_mask, marked.subject_mask)
     for row, request in enumerate(requests):  # the marked token is the subject's last, inside the prompt
         token = marked.input_ids[row][marked.subject_mask[row]]
         assert tokenizer.decode(token).strip() and tokenizer.decode(token).strip() in request.subject
@@ -219,7 +221,7 @@ def test_subject_keys_add_one_feature_row_per_edit_at_its_subject_and_need_subje
     assert all(torch.equal(v, before[k]) for k, v in editor.model.state_dict().items())
     assert all(torch.equal(v, editor.method.memory.state_dict()[k]) for k, v in memory_before.items())
     with pytest.raises(ValueError, match="key_positions must be one of"):
-        RLEditHparams(key_positions="subject")
+        RLEditHparams(key_positions="prompt")
 
 
 def test_kept_inverses_follow_the_memory_and_give_the_factored_solve():

@@ -15,7 +15,7 @@ import torch
 NORMALIZER_MODES = ("frozen", "lifelong")
 LOC_REFERENCES = ("previous", "unedited")
 BACKTRACKING = ("window", "sampled")
-KEY_POSITIONS = ("answer", "answer+subject")
+KEY_POSITIONS = ("answer", "answer+subject", "subject")
 CORPUS_POSITIONS = ("all", "answers")
 REFINE = ("network", "gradient")
 
@@ -160,7 +160,8 @@ class RLEditHparams:
             published editor: the positions that predict the answer tokens, so the last prompt token carries
             most of an edit) or "answer+subject" (also each edit's subject's last token, the position
             locate-then-edit methods write at, which the edit's paraphrases share and unrelated prompts lack;
-            every edit then needs a subject that occurs in its prompt).
+            every edit then needs a subject that occurs in its prompt), or "subject" (there only, as
+            locate-then-edit methods do).
         device: where the hypernetwork, its key memory and C_0 live and the solve runs, e.g. ``cuda:0``
             (None: the device of the model's first parameter). Features come to it from each edited module's
             device and the factors go back to that module's device, so a model placed across devices with a
@@ -180,7 +181,7 @@ class RLEditHparams:
     corpus_positions: Literal["all", "answers"] = "all"
     passes: int = 1
     refine: Literal["network", "gradient"] = "network"
-    key_positions: Literal["answer", "answer+subject"] = "answer"
+    key_positions: Literal["answer", "answer+subject", "subject"] = "answer"
     device: str | None = None
     train: TrainHparams = field(default_factory=TrainHparams)
 

@@ -148,10 +148,12 @@ class RLEditMethod(EditMethod):
         return ridge_factors(keys, shifts, net.ridge(name), self.penalty(name))
 
     def feature_batch(self, tokenizer: Any, requests: Sequence[EditRequest], batch: TokenBatch) -> TokenBatch:
-        """``batch`` with the subjects' last tokens marked as key positions when ``key_positions`` says so."""
-        if getattr(self.hparams, "key_positions", "answer") == "answer+subject":  # MEND (a subclass) has none
-            return with_subject_keys(tokenizer, batch, requests, self.name)
-        return batch
+        """``batch`` with the subjects' last tokens marked as key positions when ``key_positions`` says so
+        (also the only ones with "subject")."""
+        positions = getattr(self.hparams, "key_positions", "answer")  # MEND (a subclass) has none
+        if positions == "answer":
+            return batch
+        return with_subject_keys(tokenizer, batch, requests, self.name, answers=positions == "answer+subject")
 
     # the editor tells the method which computed steps were applied and reverted (key memory bookkeeping)
     def step_applied(self, step_id: int) -> None:
