@@ -123,3 +123,9 @@ bench "${ABL[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-pass
 FAITHFUL=(--data zsre --steps 10 --batch 20 --eval-every 5 --protocols zsre-token-acc@1 --out benchmarks/results/zsre-10x20-faithful)
 bench "${FAITHFUL[@]}" --methods alphaedit --layers 18 19 20 21
 bench "${FAITHFUL[@]}" --methods memit --layers 18 19 20 21
+
+# C_0 over the answer positions of its questions only (experiment log entry 10; chosen on
+# benchmarks/results/sweeps/positions/sweep-c0-answers.md): zsre-retuned-passes with corpus_positions answers, alpha x 0.3
+retune smollm2-135m-zsre "$MEMORY, \"passes\": 6, \"refine\": \"gradient\", \"corpus_positions\": \"answers\", \"scale\": {\"ridge\": 0.1, \"alpha\": 0.18, \"beta\": 1.0}}" positions zsre-retuned-answers
+bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-answers \
+  --label "rledit:zsre-retuned-answers (6 passes, beta 1, C0 at answer positions, alpha 180)"

@@ -57,6 +57,7 @@ class ModuleUpdate:
     u: torch.Tensor | None = None
     v: torch.Tensor | None = None
     dense: torch.Tensor | None = None
+    rank: int | None = None  # known rank (bound) of a dense delta kept from factors: min(r, d_in, d_out)
 
     @property
     def kind(self) -> str:
@@ -186,7 +187,8 @@ class DeltaStore:
                     v=_as_fp32(name, "V", v, (rank, target.d_out), device, detach),
                 )
                 if detach and rank * (target.d_in + target.d_out) > target.d_in * target.d_out:
-                    update = ModuleUpdate(dense=update.product())  # the product is smaller than its factors
+                    update = ModuleUpdate(dense=update.product(),  # the product is smaller than its factors
+                                          rank=min(rank, target.d_in, target.d_out))
                 prepared[name] = update
             else:
                 raise DeltaError(
@@ -330,9 +332,11 @@ class DeltaStore:
         }
 
     def rank(self, step_id: int) -> dict[str, int]:
-        """Rank of one step's update per module (r of the factors; the numerical rank of a dense delta)."""
+        """Rank of one step's update per module: r of the factors (for factors kept as their dense product,
+        min(r, d_in, d_out), which is the rank of generic factors); the numerical rank of a delta given dense."""
         return {
-            name: int(torch.linalg.matrix_rank(u.dense)) if u.kind == "dense" else u.u.shape[1]
+            name: u.rank if u.rank is not None else
+            int(torch.linalg.matrix_rank(u.dense)) if u.kind == "dense" else u.u.shape[1]
             for name, u in self._step(step_id).items()
         }
 

@@ -267,7 +267,7 @@ class Editor:
 
     def _encode(self, requests: Sequence[EditRequest]):
         batch = encode(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
-                       max_length=context_length(self.model))
+                       max_length=context_length(self.model), padding_side="left")  # answers last: see answer_logits
         return self.method.feature_batch(self.tokenizer, requests, batch)
 
     def step_bytes(self, requests: EditRequest | Mapping | Sequence[EditRequest | Mapping], batch: Any = None) -> int:

@@ -230,8 +230,21 @@ def answer_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
         raise TokenizationError("the batch has no answer tokens; encode it with targets")
     first = int(mask.any(0).nonzero()[0])
     keep = mask.shape[1] - first
-    out = model(**model_inputs(model, batch), use_cache=False, logits_to_keep=keep)
+    # the kept positions reach the output layer as a strided view of the hidden states; with gradients, a
+    # strided 3-d input makes the projection a batched matmul over a broadcast copy of the vocabulary matrix
+    # (about 5x slower on CPU), so it is handed a contiguous copy
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    handle = head.register_forward_pre_hook(_contiguous_input) if isinstance(head, nn.Module) else None
+    try:
+        out = model(**model_inputs(model, batch), use_cache=False, logits_to_keep=keep)
+    finally:
+        if handle is not None:
+            handle.remove()
     return out.logits[:, -keep:][mask[:, first:].to(out.logits.device)]
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:]) if args and isinstance(args[0], torch.Tensor) else args
 
 
 def context_length(model: nn.Module) -> int | None:

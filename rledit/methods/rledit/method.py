@@ -223,7 +223,8 @@ class RLEditMethod(EditMethod):
             return updates
         staged = self.memory.staged if self.memory is not None else None
         batch = self.feature_batch(tokenizer, requests, encode(
-            tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], max_length=context_length(model)))
+            tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], max_length=context_length(model),
+            padding_side="left"))
         prefix = Prefix.for_targets(model, targets)  # the layers below the edited ones: computed once for all passes
         if prefix is not None:
             batch = prefix.attach(batch)
