@@ -1,6 +1,7 @@
 """What edit passes cost: seconds per applied step of a multi-pass RLEdit editor, with the later passes running
 only the edited layers and up (the default: the layers below run once per step, ``rledit.prefix.Prefix``) and
-with every pass running the whole model, against the features floor (one forward+backward of the step).
+with every pass running the whole model, against the benchmark's floor (one ordinary forward+backward of the
+step, every weight getting gradients: ``rledit.bench.floor_seconds``, as in ``rledit bench``'s apply/floor).
 
 The two ways are measured on the same steps (zsRE eval records, ``--steps`` × ``--batch``), alternating step by
 step on two editors from the same checkpoint, so the machine's load falls on both alike; the updates agree to
@@ -24,10 +25,10 @@ from pathlib import Path
 import torch
 
 import rledit
+from rledit.bench import floor_seconds
 from rledit.data import load_requests
 from rledit.editor import Editor
 from rledit.files import write_text_atomically
-from rledit.hooks import capture_features
 from rledit.models import load_model
 from rledit.prefix import Prefix
 
@@ -59,10 +60,7 @@ def main() -> None:
                 seconds[way].append(time.perf_counter() - start)
             finally:
                 Prefix.for_targets = original
-        editor = editors["edited layers only"]
-        start = time.perf_counter()
-        capture_features(editor.model, editor.targets, editor._encode(step))
-        floor.append(time.perf_counter() - start)
+        floor.append(floor_seconds(loaded[0].model, loaded[0].tokenizer, step))
     a, b = editors.values()
     worst = max(float((a.store.delta(t.name) - b.store.delta(t.name)).norm() / b.store.delta(t.name).norm())
                 for t in a.targets)
@@ -76,11 +74,11 @@ def main() -> None:
                "rows": rows}
     out = Path(args.out)
     write_text_atomically(out / "passes_cost.json", json.dumps(summary, indent=1) + "\n")
-    lines = [f"Edit passes ({summary['passes']} per step, {args.steps} steps × {args.batch} zsRE edits, median; "
-             f"`{summary['command']}`)", "", "| later passes run | s / step | apply / floor |", "|---|---:|---:|"]
+    lines = [(f"Edit passes ({summary['passes']} per step, {args.steps} steps × {args.batch} zsRE edits, median; "
+             f"`{summary['command']}`)"), "", "| later passes run | s / step | apply / floor |", "|---|---:|---:|"]
     lines += [f"| {r['passes']} | {r['seconds_per_step']} | {r['apply_over_floor']} |" for r in rows]
-    lines += ["", f"Floor (one forward+backward of the step): {summary['floor_seconds_per_step']} s. Largest "
-              f"relative difference of the accumulated deltas: {summary['max_relative_difference']}."]
+    lines += ["", (f"Floor (one ordinary forward+backward of the step): {summary['floor_seconds_per_step']} s. Largest "
+              f"relative difference of the accumulated deltas: {summary['max_relative_difference']}.")]
     write_text_atomically(out / "passes_cost.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

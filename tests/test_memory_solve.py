@@ -287,3 +287,19 @@ def test_later_passes_skip_the_unedited_layers_and_give_the_same_update(tokenize
         runs[skipped] = {t.name: editor.store.delta(t.name) for t in editor.targets}
     for name, delta in runs[True].items():
         assert torch.allclose(delta, runs[False][name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_solve_cost_benchmark_measures_both_solves_and_they_agree(tmp_path, monkeypatch):
+    import json
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import solve_cost
+
+    monkeypatch.setattr(sys, "argv", ["solve_cost.py", "--dims", "24", "40", "--tokens", "6", "--passes", "2",
+                                      "--steps", "2", "--d-out", "8", "--out", str(tmp_path)])
+    solve_cost.main()
+    summary = json.loads((tmp_path / "solve_cost.json").read_text())
+    assert [r["d_in"] for r in summary["rows"]] == [24, 40] and "| 40 |" in (tmp_path / "solve_cost.md").read_text()
+    assert all(r["max_relative_difference"] < 1e-5 and r["factorised_seconds_per_step"] > 0 for r in summary["rows"])
