@@ -303,3 +303,26 @@ def test_the_solve_cost_benchmark_measures_both_solves_and_they_agree(tmp_path, 
     summary = json.loads((tmp_path / "solve_cost.json").read_text())
     assert [r["d_in"] for r in summary["rows"]] == [24, 40] and "| 40 |" in (tmp_path / "solve_cost.md").read_text()
     assert all(r["max_relative_difference"] < 1e-5 and r["factorised_seconds_per_step"] > 0 for r in summary["rows"])
+
+
+def test_pass_positions_choose_where_each_later_pass_reads_its_features(tokenizer):
+    requests = load_requests("zsre", "train", limit=4)
+    losses = {}
+    for schedule in (("answer",), ("subject",), ("answer+subject",)):
+        editor = _editor(tokenizer, memory_init=1.0, passes=2, refine="gradient", key_positions="subject",
+                         pass_positions=schedule)
+        step = editor.apply(requests)
+        batch = editor._encode(as_requests(requests))
+        n_edits, n_answers = len(requests), batch.n_answer_tokens
+        rows = {"subject": n_edits, "answer": n_answers, "answer+subject": n_answers + n_edits}
+        expected = n_edits + sum(rows[where] for where in schedule)
+        for target in editor.targets:  # one factor column per feature row of every pass (kept dense past d)
+            assert step.ranks[target.name] == min(expected, target.d_in, target.d_out)
+        from rledit.hooks import capture_features
+
+        losses[schedule] = capture_features(editor.model, editor.targets, editor._encode(as_requests(requests))).loss
+    assert len(set(losses.values())) == 3  # the schedules write different updates
+    with pytest.raises(ValueError, match="2 entries for passes = 3"):
+        RLEditHparams(passes=3, pass_positions=["answer"])
+    with pytest.raises(ValueError, match="pass_positions must hold entries"):
+        RLEditHparams(passes=2, pass_positions=["everywhere"])

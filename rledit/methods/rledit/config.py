@@ -162,6 +162,9 @@ class RLEditHparams:
             locate-then-edit methods write at, which the edit's paraphrases share and unrelated prompts lack;
             every edit then needs a subject that occurs in its prompt), or "subject" (there only, as
             locate-then-edit methods do).
+        pass_positions: the key positions of each pass after the first (one entry per further pass, so
+            ``passes - 1`` of them), e.g. ``[subject, subject, answer]``: write where paraphrases share the
+            keys first, then fit what is left at the answer positions. Empty (default): ``key_positions``.
         device: where the hypernetwork, its key memory and C_0 live and the solve runs, e.g. ``cuda:0``
             (None: the device of the model's first parameter). Features come to it from each edited module's
             device and the factors go back to that module's device, so a model placed across devices with a
@@ -182,6 +185,7 @@ class RLEditHparams:
     passes: int = 1
     refine: Literal["network", "gradient"] = "network"
     key_positions: Literal["answer", "answer+subject", "subject"] = "answer"
+    pass_positions: tuple[str, ...] = ()
     device: str | None = None
     train: TrainHparams = field(default_factory=TrainHparams)
 
@@ -203,6 +207,12 @@ class RLEditHparams:
         _require(self.refine in REFINE, f"refine must be one of {REFINE}, got {self.refine!r}")
         _require(self.key_positions in KEY_POSITIONS,
                  f"key_positions must be one of {KEY_POSITIONS}, got {self.key_positions!r}")
+        self.pass_positions = tuple(self.pass_positions)
+        _require(all(p in KEY_POSITIONS for p in self.pass_positions),
+                 f"pass_positions must hold entries of {KEY_POSITIONS}, got {list(self.pass_positions)}")
+        _require(not self.pass_positions or len(self.pass_positions) == self.passes - 1,
+                 f"pass_positions names the passes after the first: {self.passes - 1} entries for passes = "
+                 f"{self.passes}, got {len(self.pass_positions)}")
         _require(self.corpus_positions in CORPUS_POSITIONS,
                  f"corpus_positions must be one of {CORPUS_POSITIONS}, got {self.corpus_positions!r}")
         _require(self.stats_samples >= 1, f"stats_samples must be >= 1, got {self.stats_samples}")

@@ -150,7 +150,9 @@ class RLEditMethod(EditMethod):
     def feature_batch(self, tokenizer: Any, requests: Sequence[EditRequest], batch: TokenBatch) -> TokenBatch:
         """``batch`` with the subjects' last tokens marked as key positions when ``key_positions`` says so
         (also the only ones with "subject")."""
-        positions = getattr(self.hparams, "key_positions", "answer")  # MEND (a subclass) has none
+        return self._marked(tokenizer, requests, batch, getattr(self.hparams, "key_positions", "answer"))  # not MEND's
+
+    def _marked(self, tokenizer: Any, requests: Sequence[EditRequest], batch: TokenBatch, positions: str) -> TokenBatch:
         if positions == "answer":
             return batch
         return with_subject_keys(tokenizer, batch, requests, self.name, answers=positions == "answer+subject")
@@ -216,22 +218,24 @@ class RLEditMethod(EditMethod):
         applied, appended to the factors (ΔW = Σ_p U_p V_p). Later passes leave the normaliser's statistics
         alone, and the key memory keeps the first pass's keys (one step, one entry). The layers below the
         lowest edited one do not change between passes: they run once, and each later pass runs only the
-        layers from the edited ones up (:class:`rledit.prefix.Prefix`, where the architecture allows)."""
+        layers from the edited ones up (:class:`rledit.prefix.Prefix`, where the architecture allows). Each
+        later pass reads its features at ``key_positions``, or at its entry of ``pass_positions``."""
         updates = super().compute_step(model, tokenizer, targets, requests, features)
         passes = getattr(self.hparams, "passes", 1)  # MEND (a subclass) has one pass
         if passes == 1:
             return updates
         staged = self.memory.staged if self.memory is not None else None
-        batch = self.feature_batch(tokenizer, requests, encode(
-            tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], max_length=context_length(model),
-            padding_side="left"))
+        plain = encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
+                       max_length=context_length(model), padding_side="left")
         prefix = Prefix.for_targets(model, targets)  # the layers below the edited ones: computed once for all passes
         if prefix is not None:
-            batch = prefix.attach(batch)
+            plain = prefix.attach(plain)
+        schedule = list(getattr(self.hparams, "pass_positions", ())) or [self.hparams.key_positions] * (passes - 1)
+        batches = {where: self._marked(tokenizer, requests, plain, where) for where in set(schedule)}
         with temporary_store(model, targets) as store, prefix.skipped() if prefix is not None else nullcontext():
-            for _ in range(passes - 1):
+            for where in schedule:
                 with store.pending(updates):
-                    more = self.compute_updates(capture_features(model, targets, batch), targets,
+                    more = self.compute_updates(capture_features(model, targets, batches[where]), targets,
                                                 update_stats=False,
                                                 network=self.hparams.refine == "network")
                 updates = {name: (torch.cat([u, more[name][0]], 1), torch.cat([v, more[name][1]], 0))
