@@ -185,7 +185,7 @@ class RLEditHparams:
     passes: int = 1
     refine: Literal["network", "gradient"] = "network"
     key_positions: Literal["answer", "answer+subject", "subject"] = "answer"
-    pass_positions: tuple[str, ...] = ()
+    pass_positions: list[str] = field(default_factory=list)
     device: str | None = None
     train: TrainHparams = field(default_factory=TrainHparams)
 
@@ -207,7 +207,7 @@ class RLEditHparams:
         _require(self.refine in REFINE, f"refine must be one of {REFINE}, got {self.refine!r}")
         _require(self.key_positions in KEY_POSITIONS,
                  f"key_positions must be one of {KEY_POSITIONS}, got {self.key_positions!r}")
-        self.pass_positions = tuple(self.pass_positions)
+        self.pass_positions = list(self.pass_positions)
         _require(all(p in KEY_POSITIONS for p in self.pass_positions),
                  f"pass_positions must hold entries of {KEY_POSITIONS}, got {list(self.pass_positions)}")
         _require(not self.pass_positions or len(self.pass_positions) == self.passes - 1,
