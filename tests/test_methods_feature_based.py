@@ -20,8 +20,9 @@ from rledit.tokens import answer_logits, encode
 
 
 def step_batch(editor):
-    """The batch the editor encodes for REQUESTS."""
-    return encode(editor.tokenizer, [r["prompt"] for r in REQUESTS], [r["target_new"] for r in REQUESTS])
+    """The batch the editor encodes for REQUESTS (left-padded, as the editor does)."""
+    return encode(editor.tokenizer, [r["prompt"] for r in REQUESTS], [r["target_new"] for r in REQUESTS],
+                  padding_side="left")
 
 
 def applied_deltas(editor, step):
