@@ -42,8 +42,7 @@ class TokenBatch:
     labels: torch.Tensor  # (B, L) long, prediction-aligned target ids or -100
     target_ids: list[list[int]]  # per row, the full target token ids
     inputs_embeds: torch.Tensor | None = None  # (B, L, d) hidden states to start from instead of input_ids
-    subject_mask: torch.Tensor | None = None  # (B, L) bool: each row's subject's last token (with_subject_keys)
-    answer_keys: bool = True  # False: features at the marked subjects only, not at the answer positions
+    feature_mask: torch.Tensor | None = None  # (B, L) bool: where features are read (None: the answer positions)
 
     @property
     def answer_mask(self) -> torch.Tensor:
@@ -57,11 +56,9 @@ class TokenBatch:
 
     @property
     def key_mask(self) -> torch.Tensor:
-        """(B, L) bool: the positions an edit's features are read at: the answer positions, and each row's
-        subject's last token when the batch marks it (:func:`with_subject_keys`), or only those."""
-        if self.subject_mask is None:
-            return self.answer_mask
-        return self.answer_mask | self.subject_mask if self.answer_keys else self.subject_mask
+        """(B, L) bool: the positions an edit's features are read at: the answer positions, unless the batch
+        names others (:func:`with_subject_keys`)."""
+        return self.answer_mask if self.feature_mask is None else self.feature_mask
 
     @property
     def n_key_tokens(self) -> int:
@@ -309,9 +306,8 @@ def subject_positions(batch: TokenBatch, token_indices: Sequence[int]) -> tuple[
 
 def with_subject_keys(tokenizer: Any, batch: TokenBatch, requests: Sequence[EditRequest],
                       method: str = "rledit", answers: bool = True) -> TokenBatch:
-    """``batch`` (the requests' prompts + targets, as :func:`encode` made it) with each row's subject's last token
-    marked in ``subject_mask``, so that the features are read there as well as at the answer positions (only
-    there with ``answers=False``). Every
+    """``batch`` (the requests' prompts + targets, as :func:`encode` made it) with its ``feature_mask`` set to each
+    row's subject's last token and the answer positions (the subjects' only, with ``answers=False``). Every
     request needs a subject that occurs in its prompt (:class:`EditRequestError` otherwise)."""
     check_subjects(requests, f"{method} with key_positions {'answer+subject' if answers else 'subject'!r}",
                    "set key_positions: answer to edit without subjects")
@@ -319,4 +315,5 @@ def with_subject_keys(tokenizer: Any, batch: TokenBatch, requests: Sequence[Edit
         batch, [subject_last_token(tokenizer, r.prompt, r.subject) for r in requests])
     mask = torch.zeros(batch.attention_mask.shape, dtype=torch.bool)
     mask[rows, positions] = True
-    return replace(batch, subject_mask=mask.to(batch.attention_mask.device), answer_keys=answers)
+    mask = mask.to(batch.attention_mask.device)
+    return replace(batch, feature_mask=mask | batch.answer_mask if answers else mask)

@@ -199,9 +199,10 @@ def test_subject_keys_add_one_feature_row_per_edit_at_its_subject_and_need_subje
     marked = with_subject_keys(tokenizer, plain, requests)
     assert marked.n_answer_tokens == plain.n_answer_tokens and marked.n_key_tokens == plain.n_answer_tokens + 4
     subjects_only = with_subject_keys(tokenizer, plain, requests, answers=False)
-    assert subjects_only.n_key_tokens == 4 and torch.equal(subjects_only.key_mask, marked.subject_mask)
+    subject_mask = marked.key_mask & ~plain.answer_mask
+    assert subjects_only.n_key_tokens == 4 and torch.equal(subjects_only.key_mask, subject_mask)
     for row, request in enumerate(requests):  # the marked token is the subject's last, inside the prompt
-        token = marked.input_ids[row][marked.subject_mask[row]]
+        token = marked.input_ids[row][subject_mask[row]]
         assert tokenizer.decode(token).strip() and tokenizer.decode(token).strip() in request.subject
     features, answer_only = (capture_features(editor.model, editor.targets, b) for b in (marked, plain))
     assert features.loss == pytest.approx(answer_only.loss)  # the loss is the answer tokens' alone

@@ -32,7 +32,7 @@ from rledit.methods.base import EditMethod, StepFeaturesLike, UpdateError, check
 from rledit.methods.memory import KeyMemory, split_memory_state
 from rledit.methods.rledit.config import MALMENHparams, RLEditHparams
 from rledit.methods.rledit.net import HyperNetwork
-from rledit.methods.rledit.solve import PenaltyInverses, ridge_factors, value_shifts
+from rledit.methods.rledit.solve import PenaltyInverses, ridge_factors, ridge_system, value_shifts
 from rledit.methods.runtime import temporary_store
 from rledit.prefix import Prefix
 from rledit.targets import EditTarget
@@ -120,10 +120,9 @@ class RLEditMethod(EditMethod):
     def system(self, name: str) -> torch.Tensor:
         """A = e^λ I + β C_mem + α C_0 of module ``name`` (fp64, d_in × d_in)."""
         d_in = self.hypernet.module_shapes[name][0]
-        eye = torch.eye(d_in, dtype=torch.float64, device=self.hypernet.log_lr.device)
         penalty = self.penalty(name)
-        ridge = self.hypernet.ridge(name).detach().to(torch.float64).exp() * eye
-        return ridge if penalty is None else ridge + penalty.detach()
+        return ridge_system(None if penalty is None else penalty.detach(), self.hypernet.ridge(name).detach(), d_in,
+                            self.hypernet.log_lr.device)
 
     def step_bytes(self, n_tokens: int, targets: Sequence[EditTarget]) -> int:
         """Per module, one after the other: the fp64 N×N system and its factorisation (and the d_in×d_in one
@@ -163,7 +162,8 @@ class RLEditMethod(EditMethod):
         if self.memory is not None:
             self.memory.commit(step_id)
             for name, keys in self.memory.steps[step_id].items():
-                self.inverses.add_keys(name, self.scalars(name), keys)
+                if name in self.inverses.entries:  # (none while training: nothing to do in its inner loop)
+                    self.inverses.add_keys(name, self.scalars(name), keys)
 
     def step_reverted(self, step_id: int) -> None:
         """Step ``step_id`` was reverted: its keys leave the memory."""

@@ -53,14 +53,20 @@ def ridge_factors(keys: torch.Tensor, shifts: torch.Tensor, ridge_log: torch.Ten
             system = keys64 @ keys64.T + ridge_log.to(torch.float64).exp() * eye_n
             return keys.T.to(torch.float32), torch.linalg.solve(system, shifts.to(torch.float64)).to(torch.float32)
         else:
-            system = penalty.to(torch.float64) + ridge_log.to(torch.float64).exp() * torch.eye(
-                d_in, dtype=torch.float64, device=keys.device)
+            system = ridge_system(penalty, ridge_log, d_in, keys.device)
             left = torch.cholesky_solve(keys64.T, torch.linalg.cholesky(system))
         inner = keys64 @ left + eye_n
         return left.to(torch.float32), torch.linalg.solve(inner, shifts.to(torch.float64)).to(torch.float32)
     except torch.linalg.LinAlgError as error:
         raise UpdateError(f"the ridge system is singular or not positive definite (λ = {float(ridge_log):.3g}): "
                           f"{error}")
+
+
+def ridge_system(penalty: torch.Tensor | None, ridge_log: torch.Tensor, d_in: int,
+                 device: torch.device | str) -> torch.Tensor:
+    """A = e^λ I + P (fp64, d_in × d_in; P = None counts as 0), differentiable in λ and P."""
+    ridge = ridge_log.to(torch.float64).exp() * torch.eye(d_in, dtype=torch.float64, device=device)
+    return ridge if penalty is None else penalty.to(torch.float64) + ridge
 
 
 def factored_frobenius_sq(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
