@@ -1,4 +1,4 @@
-"""Several processes: scoring shared out over 2 CPU processes (gloo, launched by torch.distributed.run as
+"""Several processes: scoring (teacher-forced and free generation) shared out over 2 CPU processes (gloo, launched by torch.distributed.run as
 accelerate launch would) gives the figures of one process."""
 
 import json
@@ -46,7 +46,7 @@ def test_two_processes_score_like_one(tiny_run, tmp_path):
     folder, data = tiny_run
     env = dict(os.environ)
     common = ["--model", str(folder), "--data", str(data), "--protocols", "zsre-token-acc@2", "zsre-token-acc@1",
-              "--batch-size", "4"]
+              "gen-exact@1", "--batch-size", "4"]
     one = rledit(["eval", *common, "--out", str(tmp_path / "one.json")], 1, env)
     assert one.returncode == 0, one.stderr[-2000:]
     two = rledit(["eval", *common, "--out", str(tmp_path / "two.json")], 2, env)
@@ -56,10 +56,10 @@ def test_two_processes_score_like_one(tiny_run, tmp_path):
     assert first["metrics"] == second["metrics"] and first["counts"] == second["counts"]
     records = [[json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
                for n in ("one", "two")]
-    assert len(records[0]) == len(records[1]) == 2 * len(FACTS)  # one record per fact and protocol
+    assert len(records[0]) == len(records[1]) == 3 * len(FACTS)  # one record per fact and protocol
     for a, b in zip(*records):
         assert a["scores"] == b["scores"]
-        assert a["outputs"] == b["outputs"]  # the argmax text of every prompt
+        assert a["outputs"] == b["outputs"]  # the argmax (or greedily decoded) text of every prompt
 
 
 def test_a_lifelong_run_scored_by_two_processes_matches_one(tiny_run, tmp_path):

@@ -4,6 +4,8 @@ Prompts are tokenised by :func:`rledit.tokens.encode` and re-padded on the left 
 padding side), so every row's last real token sits in the last column; position ids count only real tokens
 and a key/value cache carries the prefix, so a row decodes exactly as it would alone. Each prompt has its own
 token budget; a row stops at its budget or at the end-of-sequence token, which is not part of the output.
+Under several processes (:mod:`rledit.distributed`) each decodes every N-th prompt and all of them receive
+every continuation, as the teacher-forced scorer shares its pairs out.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from rledit.distributed import gather, world
 from rledit.eval.forced import chunks, evaluation_mode
 from rledit.tokens import context_length, encode
 
@@ -29,15 +32,19 @@ def greedy_decode(
         raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
     if any(n < 1 for n in max_new_tokens):
         raise ValueError("every token budget must be at least 1")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-    outputs: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))  # similar lengths share a batch
+    rank, size = world()
+    mine = order[rank::size]
+    decoded_rows: dict[int, list[int]] = {}
+    desc = f"decoding {len(order)} prompts" + (f" ({len(mine)} in this process)" if size > 1 else "")
     with evaluation_mode(model):
-        for batch_rows in chunks(order, batch_size, desc=f"decoding {len(order)} prompts"):
+        for batch_rows in chunks(mine, batch_size, desc=desc if rank == 0 else None):
             decoded = _decode_batch(model, tokenizer, [prompts[i] for i in batch_rows],
                                     [max_new_tokens[i] for i in batch_rows])
-            for i, ids in zip(batch_rows, decoded):
-                outputs[i] = ids
-    return outputs
+            decoded_rows.update(zip(batch_rows, decoded))
+    if size > 1:
+        decoded_rows = {i: ids for part in gather(decoded_rows) for i, ids in part.items()}
+    return [decoded_rows[i] for i in range(len(prompts))]
 
 
 def _decode_batch(model: nn.Module, tokenizer, prompts: list[str], budgets: list[int]) -> list[list[int]]:
