@@ -66,3 +66,11 @@ def test_demo_edits_smollm2_and_prints_before_after(capsys):
             if line.split() and line.split()[0] in ("efficacy", "generalization", "locality")}
     before, after = float(rows["efficacy"][0]), float(rows["efficacy"][1])
     assert after > before + 20.0
+
+
+def test_cli_dtype_choices_are_the_loader_dtypes():
+    """The CLI lists the dtype names without importing torch; they must be exactly the loader's."""
+    from rledit.cli import DTYPE_NAMES
+    from rledit.models import DTYPES
+
+    assert sorted(DTYPE_NAMES) == sorted(DTYPES)
