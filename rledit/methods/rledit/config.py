@@ -144,6 +144,8 @@ class RLEditHparams:
             statistics MEMIT/AlphaEdit use, computed once and cached); 0 (default) leaves C_0 out.
         corpus: the text C_0 is estimated on (see MEMIT's ``corpus``); used only when corpus_init > 0.
         stats_samples: how many corpus texts C_0 is estimated on.
+        stats_max_length: corpus texts are cut to this many tokens; stats_batch_size: texts per forward pass
+            while C_0 is estimated (the cache file depends on the first, not on the second).
         corpus_positions: which tokens of each corpus text C_0 counts: "all" (default) or "answers", only the
             positions an edit's features would be read at had the text been an edit (its question's last token
             and its answer's tokens), for the question-answer corpora (zsre-train-questions, zsre-train-facts,
@@ -181,6 +183,8 @@ class RLEditHparams:
     corpus_init: float = 0.0
     corpus: str = "sst2"
     stats_samples: int = 2000
+    stats_max_length: int = 128
+    stats_batch_size: int = 32
     corpus_positions: Literal["all", "answers"] = "all"
     passes: int = 1
     refine: Literal["network", "gradient"] = "network"
@@ -215,7 +219,8 @@ class RLEditHparams:
                  f"{self.passes}, got {len(self.pass_positions)}")
         _require(self.corpus_positions in CORPUS_POSITIONS,
                  f"corpus_positions must be one of {CORPUS_POSITIONS}, got {self.corpus_positions!r}")
-        _require(self.stats_samples >= 1, f"stats_samples must be >= 1, got {self.stats_samples}")
+        for name in ("stats_samples", "stats_max_length", "stats_batch_size"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(
             self.normalizer in NORMALIZER_MODES,
             f"normalizer must be one of {NORMALIZER_MODES}, got {self.normalizer!r}",

@@ -72,8 +72,8 @@ class RLEditMethod(EditMethod):
         if getattr(hp, "corpus_init", 0) > 0:
             from rledit.methods.memit.stats import load_or_compute_statistics
 
-            stats = load_or_compute_statistics(model, tokenizer, targets, hp.corpus, hp.stats_samples, 128, 32,
-                                               "train", "text", positions=hp.corpus_positions)
+            stats = load_or_compute_statistics(model, tokenizer, targets, hp.corpus, hp.stats_samples,
+                                               hp.stats_max_length, hp.stats_batch_size, "train", "text", positions=hp.corpus_positions)
             self.corpus_moments = {name: m.to(device, torch.float64) for name, m in stats.second_moments.items()}
             self.statistics_report = {"statistics": {"file": str(stats.path), "cached": stats.cached,
                                                      "n_texts": stats.n_texts, "n_tokens": stats.n_tokens,
