@@ -103,10 +103,17 @@ class RLEditMethod(EditMethod):
         return HyperNetwork(module_shapes, hp.rank, hp.n_blocks, hp.lr_init, hp.lambda_init, hp.train.seed,
                             hp.memory_init, hp.corpus_init)
 
+    def _uses_memory(self) -> bool:
+        return self.memory is not None and len(self.memory) > 0
+
+    def _penalised(self) -> bool:
+        """Whether the solve has a β C_mem + α C_0 term now (the plain solve of §4 otherwise)."""
+        return self._uses_memory() or bool(self.corpus_moments)
+
     def penalty(self, name: str) -> torch.Tensor | None:
         """β C_mem + α C_0 of module ``name`` (differentiable in β, α), or None for the plain solve."""
         net, terms = self.hypernet, []
-        if self.memory is not None and len(self.memory):
+        if self._uses_memory():
             terms.append(net.memory_weight(name).to(torch.float64) * self.memory.gram(name))
         if self.corpus_moments:
             terms.append(net.corpus_weight(name).to(torch.float64) * self.corpus_moments[name])
@@ -140,8 +147,7 @@ class RLEditMethod(EditMethod):
         edit time, without gradients, through the kept inverse of A when the solve has a penalty)."""
         net = self.hypernet
         shifts = value_shifts(keys, edited_keys, edited_grads, net.lr(name))
-        penalised = (self.memory is not None and len(self.memory)) or bool(self.corpus_moments)
-        if penalised and not torch.is_grad_enabled():
+        if self._penalised() and not torch.is_grad_enabled():
             inverse = self.inverses.get(name, self.scalars(name), lambda: self.system(name))
             return ridge_factors(keys, shifts, net.ridge(name), inverse=inverse)
         return ridge_factors(keys, shifts, net.ridge(name), self.penalty(name))
