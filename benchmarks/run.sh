@@ -129,3 +129,12 @@ bench "${FAITHFUL[@]}" --methods memit --layers 18 19 20 21
 retune smollm2-135m-zsre "$MEMORY, \"passes\": 6, \"refine\": \"gradient\", \"corpus_positions\": \"answers\", \"scale\": {\"ridge\": 0.1, \"alpha\": 0.18, \"beta\": 1.0}}" positions zsre-retuned-answers
 bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-answers \
   --label "rledit:zsre-retuned-answers (6 passes, beta 1, C0 at answer positions, alpha 180)"
+
+# Features at the subject's last token on CounterFact (experiment log entry 12; chosen on
+# benchmarks/results/sweeps/positions/sweep-cf-schedule.md): the untrained editor at layers 18-21, four subject passes
+# then one answer pass
+bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20 \
+  --layers 18 19 20 21 --methods rledit --set method.lambda_init=-2.12 method.memory_init=1.0 method.corpus_init=100.0 \
+  method.corpus=counterfact-train-facts method.stats_samples=6000 method.refine=gradient method.key_positions=subject \
+  method.lr_init=0.45 method.passes=5 "method.pass_positions=[subject,subject,subject,answer]" \
+  --label "rledit+subject keys (untrained; 4 subject passes then 1 answer pass, lr 0.45, beta 1, C0 alpha 100, layers 18-21)"
