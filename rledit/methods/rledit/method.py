@@ -219,31 +219,48 @@ class RLEditMethod(EditMethod):
 
     def compute_step(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget],
                      requests: Sequence[EditRequest], features: StepFeaturesLike | None) -> dict[str, Any]:
-        """One edit step in ``hparams.passes`` passes (step 5 of the module docstring): the update from the step's features,
-        then, per further pass, the update computed from the features captured again with the passes so far
-        applied, appended to the factors (ΔW = Σ_p U_p V_p). Later passes leave the normaliser's statistics
-        alone, and the key memory keeps the first pass's keys (one step, one entry). The layers below the
-        lowest edited one do not change between passes: they run once, and each later pass runs only the
-        layers from the edited ones up (:class:`rledit.prefix.Prefix`, where the architecture allows). Each
-        later pass reads its features at ``key_positions``, or at its entry of ``pass_positions``."""
+        """One edit step in ``hparams.passes`` passes (step 5 of the module docstring): the update from the step's
+        features, then :meth:`later_passes`. The layers below the lowest edited one do not change between
+        passes: they run once, and each later pass runs only the layers from the edited ones up
+        (:class:`rledit.prefix.Prefix`, where the architecture allows)."""
         updates = super().compute_step(model, tokenizer, targets, requests, features)
-        passes = getattr(self.hparams, "passes", 1)  # MEND (a subclass) has one pass
-        if passes == 1:
+        if getattr(self.hparams, "passes", 1) == 1:  # MEND (a subclass) has one pass
             return updates
-        staged = self.memory.staged if self.memory is not None else None
         plain = encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
                        max_length=context_length(model), padding_side="left")
         prefix = Prefix.for_targets(model, targets)  # the layers below the edited ones: computed once for all passes
         if prefix is not None:
             plain = prefix.attach(plain)
-        schedule = list(getattr(self.hparams, "pass_positions", ())) or [self.hparams.key_positions] * (passes - 1)
-        batches = {where: self._marked(tokenizer, requests, plain, where) for where in set(schedule)}
-        with temporary_store(model, targets) as store, prefix.skipped() if prefix is not None else nullcontext():
-            for where in schedule:
-                with store.pending(updates):
-                    more = self.compute_updates(capture_features(model, targets, batches[where]), targets,
-                                                update_stats=False,
-                                                network=self.hparams.refine == "network")
+        with prefix.skipped() if prefix is not None else nullcontext():
+            return self.later_passes(model, targets, self.pass_batches(tokenizer, requests, plain), updates)
+
+    def pass_batches(self, tokenizer: Any, requests: Sequence[EditRequest], plain: TokenBatch) -> list[TokenBatch]:
+        """The edit batch of each pass after the first (none with one pass): ``plain`` (the requests' prompts and
+        targets) with its features read at ``key_positions``, or at the pass's entry of ``pass_positions``."""
+        passes = getattr(self.hparams, "passes", 1)  # MEND (a subclass) has one pass
+        if passes == 1:
+            return []
+        schedule = list(self.hparams.pass_positions) or [self.hparams.key_positions] * (passes - 1)
+        marked = {where: self._marked(tokenizer, requests, plain, where) for where in set(schedule)}
+        return [marked[where] for where in schedule]
+
+    def later_passes(self, model: nn.Module, targets: Sequence[EditTarget], batches: Sequence[TokenBatch],
+                     updates: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``updates`` with one pass appended per batch of ``batches`` (ΔW = Σ_p U_p V_p): each pass's features
+        are captured with the passes so far pending, detached (what a pass reads is the state, as a step's
+        first features are), and its update comes from ``refine``. Differentiable where ``updates`` is, and in
+        the scalars (and the network, with refine "network") through each later pass's solve: the RL trainer
+        runs the same passes as an edit. Later passes leave the normaliser's statistics alone, and the key
+        memory keeps the first pass's keys (one step, one entry)."""
+        if not batches:
+            return updates
+        staged = self.memory.staged if self.memory is not None else None
+        with temporary_store(model, targets) as store:
+            for batch in batches:
+                with store.pending({name: (u.detach(), v.detach()) for name, (u, v) in updates.items()}):
+                    features = capture_features(model, targets, batch)
+                more = self.compute_updates(features, targets, update_stats=False,
+                                            network=self.hparams.refine == "network")
                 updates = {name: (torch.cat([u, more[name][0]], 1), torch.cat([v, more[name][1]], 0))
                            for name, (u, v) in updates.items()}
         if self.memory is not None:

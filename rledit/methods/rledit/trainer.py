@@ -4,7 +4,9 @@ An episode starts from the unedited model (the delta store is reset) and applies
 steps of ``batch`` requests from the training split. At step t:
 
 1. features (K, G) of the step's edit prompts on the current model W(t-1)   (detached: the state)
-2. the action: factors (Kᵀ, Y) from the hypernetwork and the ridge solve     (carries the graph)
+2. the action: factors (Kᵀ, Y) from the hypernetwork and the ridge solve     (carries the graph), followed
+   by the later passes of an edit when ``method.passes`` > 1 (their features detached, their solves not),
+   so the editor is trained for the rule it edits with
 3. the loss with memory backtracking, evaluated with the action pending on top of W(t-1) (so on W(t)):
 
        L_t = Σ_{j<min(t,H)} γ^j [ CE_gen(B_{t-j}; W(t)) + α KL_loc(B_{t-j}; W_ref, W(t)) ] + μ Σ_m ||ΔW_m||²_F
@@ -35,7 +37,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,7 @@ class WindowStep:
     gen: TokenBatch  # rephrase (+ edit) prompts → target_new
     loc: TokenBatch  # locality prompts → their answers
     loc_ref: torch.Tensor | None = None  # reference log-probs at loc answer positions ("unedited" mode)
+    passes: list[TokenBatch] = field(default_factory=list)  # the edit batch of each later pass (method.passes > 1)
 
 
 def answer_log_probs(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
@@ -233,6 +236,7 @@ class RLEditTrainer:
             references = self._references(steps)
             with self._shared_statistics():
                 updates = self.method.compute_updates(features, self.editor.targets, update_stats=True)
+            updates = self.method.later_passes(model, self.editor.targets, current.passes, updates)
             with store.pending(updates):
                 gen_loss, loc_loss, edit_acc = self._backtracking_losses(steps, weights, references)
             reg = sum(factored_frobenius_sq(u, v) for u, v in updates.values())
@@ -249,7 +253,8 @@ class RLEditTrainer:
         with self._upper_layers_only():
             features = capture_features(self.editor.model, self.editor.targets, step.edit)
             with self._shared_statistics():
-                self._keep(self.method.compute_updates(features, self.editor.targets, update_stats=True))
+                updates = self.method.compute_updates(features, self.editor.targets, update_stats=True)
+            self._keep(self.method.later_passes(self.editor.model, self.editor.targets, step.passes, updates))
 
     def _keep(self, updates) -> None:
         self.method.step_applied(self.editor.store.add(updates))
@@ -339,15 +344,15 @@ class RLEditTrainer:
         if self.hp.relation_locality:  # not a record this episode edits: its answer is meant to change
             pairs = (same_relation_pair(r, half="train") for r in requests)
             loc += [pair for pair in pairs if pair is not None and pair[0] not in self.episode_prompts]
-        batches = [  # left padding: answers end every row, so answer_logits projects few positions
-            self.method.feature_batch(tok, requests, encode(
-                tok, [r.prompt for r in requests], [r.target_new for r in requests], padding_side="left")),
-            encode(tok, gen_prompts, gen_targets, padding_side="left"),
-            encode(tok, [prompt for prompt, _ in loc], [answer for _, answer in loc], padding_side="left"),
-        ]
+        # left padding: answers end every row, so answer_logits projects few positions
+        plain = encode(tok, [r.prompt for r in requests], [r.target_new for r in requests], padding_side="left")
+        batches = [self.method.feature_batch(tok, requests, plain),
+                   encode(tok, gen_prompts, gen_targets, padding_side="left"),
+                   encode(tok, [prompt for prompt, _ in loc], [answer for _, answer in loc], padding_side="left"),
+                   *self.method.pass_batches(tok, requests, plain)]  # the later passes of an edit, as at edit time
         if self.prefix is not None:
             batches = [self.prefix.attach(batch) for batch in batches]
-        step = WindowStep(*batches)
+        step = WindowStep(*batches[:3], passes=batches[3:])
         if self.hp.loc_reference == "unedited":
             with torch.no_grad(), self.editor.store.bypassed(), self._upper_layers_only():
                 step.loc_ref = answer_log_probs(self.editor.model, step.loc)
