@@ -91,7 +91,8 @@ def test_long_episodes_with_memory_validation_and_warm_starts(tokenizer, tmp_pat
     log = _log(tmp_path)
     episodes = [r for r in log if r["kind"] == "episode"]
     validations = [r for r in log if r["kind"] == "validation"]
-    assert len(episodes) == 2 and len(validations) == 2
+    assert len(episodes) == 2 and len(validations) == 3  # the starting editor, then after each episode
+    assert [r["episode"] for r in validations] == [0, 1, 2]
     assert all(r["update_norm"] > 0 and r["warm_start_steps"] in (0, 1) and r["scalars"]["beta"] > 0
                for r in episodes)
     assert validations[0]["protocol"] == "zsre-token-acc@2" and validations[0]["best"]
@@ -136,3 +137,15 @@ def test_a_training_step_makes_the_passes_of_an_edit(tokenizer, tmp_path):
     net = trainer.method.hypernet
     assert net.log_lr.grad is not None and bool(net.log_lr.grad.abs().sum() > 0)
     assert len(trainer.method.memory) == 1  # one step, remembered once
+
+
+def test_scalar_meta_lr_zero_holds_the_scalars_and_trains_the_network(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path, episodes=1, memory_init=1.0, scalar_meta_lr=0.0)
+    net = trainer.method.hypernet
+    scalars = {k: v.detach().clone() for k, v in net.state_dict().items() if k.endswith("_log") or k == "log_lr"}
+    weights = {k: v.detach().clone() for k, v in net.nets.state_dict().items()}
+    trainer.train()
+    assert scalars and all(torch.equal(net.state_dict()[k], v) for k, v in scalars.items())
+    assert any(not torch.equal(net.nets.state_dict()[k], v) for k, v in weights.items())
+    with pytest.raises(ValueError, match="scalar_meta_lr must be >= 0"):
+        TrainHparams(scalar_meta_lr=-1.0)

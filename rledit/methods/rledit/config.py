@@ -36,8 +36,9 @@ class TrainHparams:
             published) or the unedited model ("unedited").
         update_every: take an optimiser step every this many edit steps (1 = every step).
         meta_lr: Adam learning rate of the network weights (A, B, biases, scale/shift embeddings).
-        scalar_meta_lr: Adam learning rate of the per-module log step sizes and ridge λ, which live on a log
-            scale and need larger steps than the network weights.
+        scalar_meta_lr: Adam learning rate of the per-module log step sizes, ridge λ and the solve's β, α, which
+            live on a log scale and need larger steps than the network weights; 0 holds them where they start
+            (e.g. scalars chosen on a validation stream, with only the network trained).
         grad_clip: max global gradient norm before each optimiser step.
         checkpoint_every: save a checkpoint every this many episodes.
         seed: seeds the data order and the network's initialisation.
@@ -56,8 +57,8 @@ class TrainHparams:
             that the editor trains on the states it meets late in a lifelong run.
         validation_size: hold out this many requests of the training split (the last ones of a seeded shuffle;
             never trained on) as a validation stream; 0: no validation.
-        validate_every: score the validation stream every this many episodes (and after the last); the best
-            scoring editor is saved as ``editor-best``.
+        validate_every: score the validation stream before the first episode (the starting editor), every
+            this many episodes and after the last; the best scoring editor is saved as ``editor-best``.
         validation_batch: edits per step of the validation stream (its length is validation_size / this).
         relation_locality: add to each step's locality prompts, per zsRE request, a training record of the same
             question template about another subject (from the "train" half of :mod:`rledit.eval.relations`; the
@@ -111,8 +112,10 @@ class TrainHparams:
                  f"train.backtracking must be one of {BACKTRACKING}, got {self.backtracking!r}")
         for name in ("loc_coef", "reg_coef", "past_weight", "diverge_factor"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("meta_lr", "scalar_meta_lr", "grad_clip"):
+        for name in ("meta_lr", "grad_clip"):
             _require(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
+        _require(self.scalar_meta_lr >= 0, f"train.scalar_meta_lr must be >= 0 (0: the scalars held), got "
+                                           f"{self.scalar_meta_lr}")
         _require(
             self.loc_reference in LOC_REFERENCES,
             f"train.loc_reference must be one of {LOC_REFERENCES}, got {self.loc_reference!r}",

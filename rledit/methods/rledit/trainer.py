@@ -160,6 +160,8 @@ class RLEditTrainer:
         bar = tqdm(total=self.hp.episodes, initial=self.episode, desc="episodes",
                    disable=not (self.progress and self.main))
         start = time.perf_counter()
+        if self.validation and self.episode == 0:  # the starting editor is a candidate too: training keeps the best
+            self._validate()
         while self.episode < self.hp.episodes:
             metrics = self._mean_over_processes(self.run_episode(self._draw_episode()))
             self.episode += 1
