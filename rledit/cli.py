@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seed of the edit stream")
     bench.add_argument("--layers", type=int, nargs="*", default=None,
                        help="edited layers of methods without a checkpoint (default: hparams/models/<model>.yaml)")
+    bench.add_argument("--modules", nargs="*", default=None,
+                       help="edited MLP modules of methods without a checkpoint, e.g. down_proj (default: "
+                            "hparams/models/<model>.yaml)")
     bench.add_argument("--protocols", nargs="*", default=None, help="protocol ids (default: all applicable)")
     bench.add_argument("--general", action="store_true",
                        help="also score general ability (SST-2 zero-shot accuracy, perplexity on held-out text) "
@@ -432,6 +435,7 @@ def _bench_spec(args: argparse.Namespace, name: str):
             logging.getLogger("rledit").info("no preset %s for %s: %s edits the architecture's default layers",
                                              model_file, args.model, method)
         layers = args.layers or layers
+        modules = args.modules or modules
     return BenchSpec(method=method, checkpoint=checkpoint or None, hparams=hparams, layers=layers, modules=modules,
                      data=args.data, split=args.split, steps=args.steps, batch=args.batch, timing=args.timing,
                      seed=args.seed, eval_every=args.eval_every, protocols=args.protocols, label=args.label)

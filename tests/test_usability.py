@@ -295,6 +295,10 @@ def test_bench_prints_one_results_table(tmp_path, capsys, tiny_folder):
                  "2", "--layers", "2", "3", "--protocols", "zsre-token-acc@2", "--out", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
     assert out.count("| method |") == 1 and f"-> {tmp_path / 'b.json'}" in out
+    assert main(["bench", "--method", "rledit", "--model", str(folder), "--data", "zsre", "--steps", "1", "--batch",
+                 "2", "--layers", "3", "--modules", "down_proj", "--protocols", "zsre-token-acc@2", "--out",
+                 str(tmp_path / "down.json")]) == 0
+    assert json.loads((tmp_path / "down.json").read_text())["edited_modules"] == ["model.layers.3.mlp.down_proj"]
 
 
 def test_a_folder_of_end_timing_runs_gets_a_bar_chart(tmp_path, tiny_folder):
