@@ -138,3 +138,9 @@ bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-pr
   method.corpus=counterfact-train-facts method.stats_samples=6000 method.refine=gradient method.key_positions=subject \
   method.lr_init=0.45 method.passes=5 "method.pass_positions=[subject,subject,subject,answer]" \
   --label "rledit+subject keys (untrained; 4 subject passes then 1 answer pass, lr 0.45, beta 1, C0 alpha 100, layers 18-21)"
+# ... and the same rule on down_proj (keys of width 1,536; chosen on benchmarks/results/sweeps/down-proj/sweep-cf-subject.md)
+bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20 \
+  --layers 18 19 20 21 --modules down_proj --methods rledit --set method.lambda_init=-2.12 method.memory_init=1.0 \
+  method.corpus_init=100.0 method.corpus=counterfact-train-facts method.stats_samples=6000 method.refine=gradient \
+  method.key_positions=subject method.lr_init=0.45 method.passes=5 "method.pass_positions=[subject,subject,subject,answer]" \
+  --label "rledit+subject keys, down_proj (untrained; 4 subject passes then 1 answer pass, lr 0.45, beta 1, C0 alpha 100, layers 18-21)"
