@@ -39,6 +39,8 @@ from rledit.targets import EditTarget
 from rledit.tokens import TokenBatch, context_length, encode, with_subject_keys
 from rledit.types import EditRequest
 
+Factors = tuple[torch.Tensor, torch.Tensor]  # (U, V) of one module's update, ΔW = U V
+
 
 @register_method("rledit")
 class RLEditMethod(EditMethod):
@@ -73,7 +75,8 @@ class RLEditMethod(EditMethod):
             from rledit.methods.memit.stats import load_or_compute_statistics
 
             stats = load_or_compute_statistics(model, tokenizer, targets, hp.corpus, hp.stats_samples,
-                                               hp.stats_max_length, hp.stats_batch_size, "train", "text", positions=hp.corpus_positions)
+                                               hp.stats_max_length, hp.stats_batch_size, "train", "text",
+                                               positions=hp.corpus_positions)
             self.corpus_moments = {name: m.to(device, torch.float64) for name, m in stats.second_moments.items()}
             self.statistics_report = {"statistics": {"file": str(stats.path), "cached": stats.cached,
                                                      "n_texts": stats.n_texts, "n_tokens": stats.n_tokens,
@@ -245,7 +248,7 @@ class RLEditMethod(EditMethod):
         return [marked[where] for where in schedule]
 
     def later_passes(self, model: nn.Module, targets: Sequence[EditTarget], batches: Sequence[TokenBatch],
-                     updates: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                     updates: dict[str, Factors]) -> dict[str, Factors]:
         """``updates`` with one pass appended per batch of ``batches`` (ΔW = Σ_p U_p V_p): each pass's features
         are captured with the passes so far pending, detached (what a pass reads is the state, as a step's
         first features are), and its update comes from ``refine``. Differentiable where ``updates`` is, and in
