@@ -103,6 +103,14 @@ def weight_digests(targets: Mapping[str, EditTarget]) -> dict[str, str]:
     return digests
 
 
+@dataclass
+class StoredSteps:
+    """The applied steps of a :class:`DeltaStore` taken out of it by :meth:`DeltaStore.exchange_steps`."""
+
+    steps: dict[int, dict[str, ModuleUpdate]]
+    accumulated: dict[str, torch.Tensor]
+
+
 class DeltaStore:
     """Per-step fp32 updates of a model's edited modules, applied through forward hooks.
 
@@ -295,6 +303,15 @@ class DeltaStore:
         """Forget every step (the model is back to its base weights); step ids keep counting up."""
         self._steps = {}
         self._accumulated = {}
+
+    def exchange_steps(self, steps: StoredSteps | None = None) -> StoredSteps:
+        """Take the applied steps out of the store and put ``steps`` (an earlier return value; None: none) in their
+        place: one store serves several model states in turn (the RL trainer's side-by-side episodes). The
+        tensors move, nothing is copied; step ids keep counting up across all of them."""
+        self._check_attached()
+        taken = StoredSteps(self._steps, self._accumulated)
+        self._steps, self._accumulated = (steps.steps, steps.accumulated) if steps is not None else ({}, {})
+        return taken
 
     def detach(self) -> None:
         """Remove the forward hooks; the store can no longer change the model."""

@@ -35,7 +35,7 @@ from rledit.hooks import capture_bytes, capture_features
 from rledit.hparams import HparamsError, from_dict
 from rledit.methods import EditMethod, get_method
 from rledit.targets import EditTarget, TargetError, resolve_targets
-from rledit.tokens import context_length, encode
+from rledit.tokens import context_length
 from rledit.types import EditRequest, EditRequestError, EditStep
 
 _log = logging.getLogger("rledit")
@@ -266,9 +266,7 @@ class Editor:
         return step
 
     def _encode(self, requests: Sequence[EditRequest]):
-        batch = encode(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
-                       max_length=context_length(self.model), padding_side="left")  # answers last: see answer_logits
-        return self.method.feature_batch(self.tokenizer, requests, batch)
+        return self.method.edit_batch(self.tokenizer, requests, context_length(self.model))
 
     def step_bytes(self, requests: EditRequest | Mapping | Sequence[EditRequest | Mapping], batch: Any = None) -> int:
         """The estimated memory (bytes) of applying ``requests`` as one step: feature capture plus the method."""

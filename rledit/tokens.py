@@ -304,15 +304,31 @@ def subject_positions(batch: TokenBatch, token_indices: Sequence[int]) -> tuple[
     return rows, first_real + torch.tensor(list(token_indices), dtype=torch.long)
 
 
+def encode_after_prefixes(tokenizer: Any, requests: Sequence[EditRequest], prefixes: Sequence[str] = ("",),
+                          max_length: int | None = None) -> TokenBatch:
+    """Every request's prompt after each of ``prefixes`` (``""``: the bare prompt), edit by edit, with its target
+    appended, left-padded (answers last: see :func:`answer_logits`). The rows of the context-prefixed edits of
+    MEMIT/AlphaEdit and of RLEdit's ``context_lengths``."""
+    return encode(tokenizer, [prefix + r.prompt for r in requests for prefix in prefixes],
+                  [r.target_new for r in requests for _ in prefixes], max_length=max_length, padding_side="left")
+
+
+def subject_tokens(tokenizer: Any, requests: Sequence[EditRequest], prefixes: Sequence[str] = ("",)) -> list[int]:
+    """The subject's last-token index of each row of :func:`encode_after_prefixes` (searched after the prefix, so
+    a subject named in a prefix does not count)."""
+    return [subject_last_token(tokenizer, prefix + r.prompt, r.subject, len(prefix))
+            for r in requests for prefix in prefixes]
+
+
 def with_subject_keys(tokenizer: Any, batch: TokenBatch, requests: Sequence[EditRequest],
-                      method: str = "rledit", answers: bool = True) -> TokenBatch:
-    """``batch`` (the requests' prompts + targets, as :func:`encode` made it) with its ``feature_mask`` set to each
-    row's subject's last token and the answer positions (the subjects' only, with ``answers=False``). Every
-    request needs a subject that occurs in its prompt (:class:`EditRequestError` otherwise)."""
+                      method: str = "rledit", answers: bool = True, prefixes: Sequence[str] = ("",)) -> TokenBatch:
+    """``batch`` (the requests' prompts + targets after each of ``prefixes``, as :func:`encode_after_prefixes`
+    made it) with its ``feature_mask`` set to each row's subject's last token and the answer positions (the
+    subjects' only, with ``answers=False``). Every request needs a subject that occurs in its prompt
+    (:class:`EditRequestError` otherwise)."""
     check_subjects(requests, f"{method} with key_positions {'answer+subject' if answers else 'subject'!r}",
                    "set key_positions: answer to edit without subjects")
-    rows, positions = subject_positions(
-        batch, [subject_last_token(tokenizer, r.prompt, r.subject) for r in requests])
+    rows, positions = subject_positions(batch, subject_tokens(tokenizer, requests, prefixes))
     mask = torch.zeros(batch.attention_mask.shape, dtype=torch.bool)
     mask[rows, positions] = True
     mask = mask.to(batch.attention_mask.device)

@@ -144,3 +144,40 @@ def test_data_parallel_training_shares_one_editor_and_resumes_exactly(tiny_run, 
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     c = trained(tmp_path / "split")
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+
+
+def test_two_processes_equal_one_process_running_their_episodes_side_by_side(tiny_run, tmp_path):
+    """Own episodes per rank (the memory solve on) against one process with train.episodes_per_step 2: lane 1
+    draws rank 1's episodes, the normaliser folds in both lanes' rows and the optimiser steps on the mean of their
+    gradients, so both runs end with the same editor; the side-by-side run resumes exactly, and only with as many
+    lanes as it ran."""
+    import torch
+
+    folder, _ = tiny_run
+    env = dict(os.environ)
+    settings = {"backtracking": "sampled", "back_samples": 1, "warm_start_max": 1}
+    runs = {"two": (2, train_yaml(folder, tmp_path, **settings)),
+            "lanes": (1, train_yaml(folder, tmp_path, episodes_per_step=2, **settings))}
+    for name, (processes, hparams) in runs.items():
+        done = rledit(["train", "--hparams", hparams, "--limit", "10", "--out", str(tmp_path / name)], processes, env)
+        assert done.returncode == 0, done.stderr[-2000:]
+    two, lanes = trained(tmp_path / "two"), trained(tmp_path / "lanes")
+    assert two.keys() == lanes.keys()
+    assert all(torch.allclose(two[k].double(), lanes[k].double(), rtol=1e-5, atol=1e-6) for k in two), \
+        max((two[k].double() - lanes[k].double()).abs().max().item() for k in two)
+    counts = [k for k in two if k.endswith(".count")]
+    assert counts and all(torch.equal(two[k], lanes[k]) for k in counts)  # every row of both episodes, once
+    log = [json.loads(line) for line in (tmp_path / "lanes" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in log if r["kind"] == "episode"] == [1, 2]
+    hparams = runs["lanes"][1]
+    split = rledit(["train", "--hparams", train_yaml(folder, tmp_path, episodes=1, episodes_per_step=2, **settings),
+                    "--limit", "10", "--out", str(tmp_path / "split")], 1, env)
+    assert split.returncode == 0, split.stderr[-2000:]
+    refused = rledit(["train", "--hparams", train_yaml(folder, tmp_path, **settings), "--limit", "10", "--resume",
+                      "--out", str(tmp_path / "split")], 1, env)
+    assert refused.returncode != 0 and "method.train.episodes_per_step: 2 -> 1" in refused.stderr
+    resumed = rledit(["train", "--hparams", hparams, "--limit", "10", "--resume", "--out", str(tmp_path / "split")],
+                     1, env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = trained(tmp_path / "split")
+    assert all(torch.equal(lanes[k], again[k]) for k in lanes)

@@ -327,3 +327,32 @@ def test_pass_positions_choose_where_each_later_pass_reads_its_features(tokenize
         RLEditHparams(passes=3, pass_positions=["answer"])
     with pytest.raises(ValueError, match="pass_positions must hold entries"):
         RLEditHparams(passes=2, pass_positions=["everywhere"])
+
+
+def test_context_prefixes_add_one_row_per_prefix_read_at_the_subject_after_it(tokenizer):
+    from rledit.methods.memit import compute
+    from rledit.tokens import context_length
+
+    requests = as_requests(load_requests("counterfact", "train", limit=3))
+    editor = _editor(tokenizer, memory_init=1.0, passes=2, refine="gradient", key_positions="subject",
+                     context_lengths=[[3, 2]])
+    method = editor.method
+    assert len(method.prefixes) == 3 and method.prefixes[0] == ""
+    assert method.setup_report()["context_prefixes"] == method.prefixes
+    plain = method.plain_batch(tokenizer, requests)
+    rows, _, _ = compute.edit_rows(tokenizer, requests, method.prefixes, None)  # MEMIT's rows: the same batch
+    assert torch.equal(plain.input_ids, rows.input_ids) and plain.input_ids.shape[0] == 9
+    marked = method.edit_batch(tokenizer, requests, context_length(editor.model))
+    assert marked.n_key_tokens == 9 and (marked.key_mask.sum(1) == 1).all()  # one subject row per prompt
+    for row, (request, prefix) in enumerate((r, p) for r in requests for p in method.prefixes):
+        token = tokenizer.decode(marked.input_ids[row][marked.key_mask[row]]).strip()
+        assert token and token in request.subject
+        text = tokenizer.decode(marked.input_ids[row][marked.attention_mask[row].bool()], skip_special_tokens=True)
+        assert text.replace(" ", "").startswith((prefix + request.prompt).replace(" ", ""))
+    step = editor.apply(requests)
+    keys = next(iter(method.memory.steps[step.id].values()))
+    assert keys.shape[0] == 9  # every context row's key joins the memory
+    bare = _editor(tokenizer, memory_init=1.0, key_positions="subject")
+    assert bare.method.prefixes == [""] and bare.method.edit_batch(tokenizer, requests).n_key_tokens == 3
+    with pytest.raises(ValueError, match="context_lengths must hold"):
+        RLEditHparams(context_lengths=[[3, 0]])

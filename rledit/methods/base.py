@@ -15,7 +15,7 @@ A method implements exactly one of two entry points:
 
 The editor always calls :meth:`compute_step`; its default forwards to :meth:`compute_updates`. Optional
 hooks: :meth:`prepare` (once, before the first step: build networks, estimate statistics),
-:meth:`step_applied` / :meth:`step_reverted` / :meth:`steps_cleared` (what happened to the computed steps, for
+:meth:`edit_batch` (what the step's features are read from), :meth:`step_applied` / :meth:`step_reverted` / :meth:`steps_cleared` (what happened to the computed steps, for
 methods that remember earlier ones) and
 :meth:`state_dict` / :meth:`load_state_dict` for methods whose state must be saved with the editor (plain
 tensors, safetensors-compatible). Training a learned editor is not part of this contract: it lives in the
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from rledit.targets import EditTarget
-from rledit.tokens import TokenBatch
+from rledit.tokens import TokenBatch, encode_after_prefixes
 from rledit.types import EditRequest
 
 Factors = tuple[torch.Tensor, torch.Tensor]
@@ -86,10 +86,11 @@ class EditMethod:
             raise UpdateError(f"method {self.name!r} needs the step's features; the editor passed none")
         return self.compute_updates(features, targets)
 
-    def feature_batch(self, tokenizer: Any, requests: Sequence[EditRequest], batch: TokenBatch) -> TokenBatch:
-        """The batch the step's features are captured from, given the requests' encoded prompts + targets.
-        Default: ``batch`` itself (features at the answer positions); RLEdit may mark the subjects too."""
-        return batch
+    def edit_batch(self, tokenizer: Any, requests: Sequence[EditRequest], max_length: int | None = None) -> TokenBatch:
+        """The batch the step's features are captured from (and whose size the editor's memory check counts).
+        Default: the requests' prompts + targets, left-padded, features at the answer positions; RLEdit may add
+        context-prefixed rows and mark the subjects."""
+        return encode_after_prefixes(tokenizer, requests, ("",), max_length)
 
     def step_bytes(self, n_tokens: int, targets: Sequence[EditTarget]) -> int:
         """A rough upper estimate of the memory (bytes) :meth:`compute_step` needs beyond the feature capture

@@ -25,7 +25,7 @@ from torch import nn
 
 from rledit.methods.memit.config import LocateEditHparams
 from rledit.methods.runtime import frozen_model
-from rledit.tokens import TokenBatch, answer_logits, encode, subject_last_token, subject_positions
+from rledit.tokens import TokenBatch, answer_logits, encode_after_prefixes, subject_positions, subject_tokens
 from rledit.types import EditRequest
 
 
@@ -156,11 +156,8 @@ def edit_rows(tokenizer: Any, requests: Sequence[EditRequest], prefixes: Sequenc
     """The batch of every edit's prompt after each of ``prefixes`` (``""`` first: the bare prompt), edit by
     edit, with the target appended (left padding); the subject's last-token positions in it; and each row's
     edit (``owner``)."""
-    texts = [prefix + request.prompt for request in requests for prefix in prefixes]
-    batch = encode(tokenizer, texts, [r.target_new for r in requests for _ in prefixes], max_length=max_length,
-                   padding_side="left")
-    tokens = [subject_last_token(tokenizer, prefix + r.prompt, r.subject, len(prefix))
-              for r in requests for prefix in prefixes]
+    batch = encode_after_prefixes(tokenizer, requests, prefixes, max_length)
+    tokens = subject_tokens(tokenizer, requests, prefixes)
     owner = torch.arange(len(requests)).repeat_interleave(len(prefixes))
     return batch, subject_positions(batch, tokens), owner
 

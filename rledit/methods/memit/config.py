@@ -10,6 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def check_context_lengths(lengths: list[list[int]]) -> None:
+    """Raise ValueError unless ``lengths`` holds ``[tokens, count]`` pairs of positive integers (the context
+    prefixes' setting of MEMIT, AlphaEdit and RLEdit; ``[]``: the bare prompt only)."""
+    for pair in lengths:
+        if len(pair) != 2 or min(pair) < 1:
+            raise ValueError(f"context_lengths must hold [tokens, count] pairs of positive integers (e.g. "
+                             f"[[10, 5]]; [] for the bare prompt only), got {lengths}")
+
+
 @dataclass
 class LocateEditHparams:
     """Settings shared by MEMIT and AlphaEdit.
@@ -73,10 +82,7 @@ class LocateEditHparams:
     def __post_init__(self) -> None:
         if self.stats_tokens is not None and self.stats_tokens < 1:
             raise ValueError(f"stats_tokens must be >= 1 or null (every token), got {self.stats_tokens}")
-        for pair in self.context_lengths:
-            if len(pair) != 2 or min(pair) < 1:
-                raise ValueError(f"context_lengths must hold [tokens, count] pairs of positive integers (e.g. "
-                                 f"[[10, 5]]; [] for the bare prompt only), got {self.context_lengths}")
+        check_context_lengths(self.context_lengths)
         for name in ("stats_samples", "stats_max_length", "stats_batch_size", "v_steps", "context_top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

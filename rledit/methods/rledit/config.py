@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from rledit.methods.memit.config import check_context_lengths
+
 NORMALIZER_MODES = ("frozen", "lifelong")
 LOC_REFERENCES = ("previous", "unedited")
 BACKTRACKING = ("window", "sampled")
@@ -68,6 +70,11 @@ class TrainHparams:
         distinct_episodes: under several processes (data-parallel training, ``accelerate launch``), each process
             draws its own episodes (rank 0 those of a single process); False: every process draws rank 0's,
             which must reproduce a single process (a check of the averaging).
+        episodes_per_step: R, episodes one process runs side by side: their steps are taken in lockstep, each
+            on its own model state (delta store and key memory), the normaliser folds in all of their features
+            and every optimiser step takes the mean of their gradients, exactly as R processes with one episode
+            each would (1: one episode at a time). Lane r of process p draws the episodes that process
+            p·R + r of a data-parallel run would.
     """
 
     episodes: int = 100
@@ -96,9 +103,11 @@ class TrainHparams:
     relation_locality: bool = False
     diverge_factor: float = 0.0
     distinct_episodes: bool = True
+    episodes_per_step: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("episodes", "steps_per_episode", "batch", "back_depth", "update_every", "checkpoint_every"):
+        for name in ("episodes", "steps_per_episode", "batch", "back_depth", "update_every", "checkpoint_every",
+                     "episodes_per_step"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         _require(0.0 < self.time_decay <= 1.0, f"train.time_decay must be in (0, 1], got {self.time_decay}")
         for name in ("back_samples", "validate_every", "validation_batch"):
@@ -170,6 +179,11 @@ class RLEditHparams:
         pass_positions: the key positions of each pass after the first (one entry per further pass, so
             ``passes - 1`` of them), e.g. ``[subject, subject, answer]``: write where paraphrases share the
             keys first, then fit what is left at the answer positions. Empty (default): ``key_positions``.
+        context_lengths: context prefixes as MEMIT/AlphaEdit use them (:mod:`rledit.methods.memit.contexts`,
+            ``[tokens, count]`` pairs of texts sampled from the model once and cached): each edit's features are
+            read from its bare prompt and from the prompt after every prefix, one row each, so every pass fits
+            the edit in all those contexts (rows = edits × (1 + prefixes)). ``[]`` (default): the bare prompt.
+        context_seed, context_top_k: the prefixes' sampling seed and top-k (as MEMIT's).
         device: where the hypernetwork, its key memory and C_0 live and the solve runs, e.g. ``cuda:0``
             (None: the device of the model's first parameter). Features come to it from each edited module's
             device and the factors go back to that module's device, so a model placed across devices with a
@@ -193,6 +207,9 @@ class RLEditHparams:
     refine: Literal["network", "gradient"] = "network"
     key_positions: Literal["answer", "answer+subject", "subject"] = "answer"
     pass_positions: list[str] = field(default_factory=list)
+    context_lengths: list[list[int]] = field(default_factory=list)
+    context_seed: int = 0
+    context_top_k: int = 5
     device: str | None = None
     train: TrainHparams = field(default_factory=TrainHparams)
 
@@ -220,6 +237,9 @@ class RLEditHparams:
         _require(not self.pass_positions or len(self.pass_positions) == self.passes - 1,
                  f"pass_positions names the passes after the first: {self.passes - 1} entries for passes = "
                  f"{self.passes}, got {len(self.pass_positions)}")
+        self.context_lengths = [list(pair) for pair in self.context_lengths]
+        check_context_lengths(self.context_lengths)
+        _require(self.context_top_k >= 1, f"context_top_k must be >= 1, got {self.context_top_k}")
         _require(self.corpus_positions in CORPUS_POSITIONS,
                  f"corpus_positions must be one of {CORPUS_POSITIONS}, got {self.corpus_positions!r}")
         for name in ("stats_samples", "stats_max_length", "stats_batch_size"):

@@ -36,7 +36,7 @@ from rledit.methods.rledit.solve import PenaltyInverses, ridge_factors, ridge_sy
 from rledit.methods.runtime import temporary_store
 from rledit.prefix import Prefix
 from rledit.targets import EditTarget
-from rledit.tokens import TokenBatch, context_length, encode, with_subject_keys
+from rledit.tokens import TokenBatch, context_length, encode_after_prefixes, with_subject_keys
 from rledit.types import EditRequest
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (U, V) of one module's update, ΔW = U V
@@ -61,6 +61,7 @@ class RLEditMethod(EditMethod):
         self.corpus_moments: dict[str, torch.Tensor] = {}  # C_0 per module (corpus_init > 0 only)
         self.statistics_report: dict[str, Any] = {}
         self.inverses = PenaltyInverses()  # A⁻¹ per module at edit time (rledit.methods.rledit.solve)
+        self.prefixes: list[str] = [""]  # context prefixes of the edit rows ("" = the bare prompt), see prepare()
 
     def prepare(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget]) -> None:
         """Build the hypernetwork for ``targets`` (or check that the loaded one fits them) on the model's
@@ -71,6 +72,11 @@ class RLEditMethod(EditMethod):
         net.to(device)
         if getattr(hp, "memory_init", 0) > 0:  # MEND (a subclass) has no solve and no such settings
             self.memory = KeyMemory(net.module_shapes, device)
+        if getattr(hp, "context_lengths", []):  # MEND (a subclass) reads the bare prompts only
+            from rledit.methods.memit.contexts import context_prefixes
+
+            self.prefixes = context_prefixes(model, tokenizer, hp.context_lengths, hp.context_seed, hp.context_top_k)
+            self.statistics_report["context_prefixes"] = list(self.prefixes)
         if getattr(hp, "corpus_init", 0) > 0:
             from rledit.methods.memit.stats import load_or_compute_statistics
 
@@ -78,13 +84,12 @@ class RLEditMethod(EditMethod):
                                                hp.stats_max_length, hp.stats_batch_size, "train", "text",
                                                positions=hp.corpus_positions)
             self.corpus_moments = {name: m.to(device, torch.float64) for name, m in stats.second_moments.items()}
-            self.statistics_report = {"statistics": {"file": str(stats.path), "cached": stats.cached,
-                                                     "n_texts": stats.n_texts, "n_tokens": stats.n_tokens,
-                                                     "compute_seconds": round(stats.compute_seconds, 3),
-                                                     "positions": hp.corpus_positions}}
+            self.statistics_report["statistics"] = {
+                "file": str(stats.path), "cached": stats.cached, "n_texts": stats.n_texts, "n_tokens": stats.n_tokens,
+                "compute_seconds": round(stats.compute_seconds, 3), "positions": hp.corpus_positions}
 
     def setup_report(self) -> dict[str, Any]:
-        """Where the corpus statistics C_0 came from (when the solve uses them)."""
+        """Where the corpus statistics C_0 came from and the context prefixes (when the editor uses them)."""
         return dict(self.statistics_report)
 
     def build(self, module_shapes: dict[str, tuple[int, int]]) -> HyperNetwork:
@@ -155,15 +160,23 @@ class RLEditMethod(EditMethod):
             return ridge_factors(keys, shifts, net.ridge(name), inverse=inverse)
         return ridge_factors(keys, shifts, net.ridge(name), self.penalty(name))
 
-    def feature_batch(self, tokenizer: Any, requests: Sequence[EditRequest], batch: TokenBatch) -> TokenBatch:
-        """``batch`` with the subjects' last tokens marked as key positions when ``key_positions`` says so
-        (also the only ones with "subject")."""
-        return self._marked(tokenizer, requests, batch, getattr(self.hparams, "key_positions", "answer"))  # not MEND's
+    def edit_batch(self, tokenizer: Any, requests: Sequence[EditRequest], max_length: int | None = None) -> TokenBatch:
+        """The rows a step's first pass reads: :meth:`plain_batch`, marked at ``key_positions``."""
+        return self.marked(tokenizer, requests, self.plain_batch(tokenizer, requests, max_length))
 
-    def _marked(self, tokenizer: Any, requests: Sequence[EditRequest], batch: TokenBatch, positions: str) -> TokenBatch:
+    def plain_batch(self, tokenizer: Any, requests: Sequence[EditRequest], max_length: int | None = None) -> TokenBatch:
+        """Each request's prompt + target, bare and after each context prefix (``context_lengths``), left-padded."""
+        return encode_after_prefixes(tokenizer, requests, self.prefixes, max_length)
+
+    def marked(self, tokenizer: Any, requests: Sequence[EditRequest], plain: TokenBatch,
+               positions: str | None = None) -> TokenBatch:
+        """``plain`` (from :meth:`plain_batch`) with its features read at ``positions`` (default
+        ``key_positions``): the answer positions, or the subjects' last tokens too or only."""
+        positions = positions or getattr(self.hparams, "key_positions", "answer")  # MEND has answer positions only
         if positions == "answer":
-            return batch
-        return with_subject_keys(tokenizer, batch, requests, self.name, answers=positions == "answer+subject")
+            return plain
+        return with_subject_keys(tokenizer, plain, requests, self.name, answers=positions == "answer+subject",
+                                 prefixes=self.prefixes)
 
     # the editor tells the method which computed steps were applied and reverted (key memory bookkeeping)
     def step_applied(self, step_id: int) -> None:
@@ -204,13 +217,12 @@ class RLEditMethod(EditMethod):
         _check_features(features, net.module_shapes)
         saved = {k: v.clone() for k, v in net.normalizers.state_dict().items()}
         try:
-            device = net.log_lr.device
+            if update_stats and network:
+                self.fold_statistics([features])
             updates = {}
-            for name, raw_keys in features.keys.items():
-                keys = raw_keys.to(device=device, dtype=torch.float32)
-                grads = features.grads[name].to(device=device, dtype=torch.float32)
-                edited_keys, edited_grads = (net(name, keys, grads, update_stats=update_stats) if network
-                                             else (keys, grads))
+            for name in features.keys:
+                keys, grads = _on_device(features, name, net.log_lr.device)
+                edited_keys, edited_grads = net(name, keys, grads) if network else (keys, grads)
                 updates[name] = self.module_update(name, keys, edited_keys, edited_grads)
             check_updates(updates, net.module_shapes)
         except UpdateError:
@@ -219,6 +231,17 @@ class RLEditMethod(EditMethod):
         if self.memory is not None:
             self.memory.stage(features.keys)
         return updates
+
+    def fold_statistics(self, steps: Sequence[StepFeaturesLike]) -> None:
+        """Fold the features of ``steps`` (one step, or steps taken side by side, in order) into the normaliser
+        as one update per module (inside :func:`rledit.methods.rledit.net.shared_statistics`, every process's
+        too): the "lifelong" normaliser's update before a step's features are normalised."""
+        net = self.hypernet
+        for features in steps:
+            _check_features(features, net.module_shapes)
+        for name in steps[0].keys:
+            net.normalizer(name).update(torch.cat([torch.cat(_on_device(f, name, net.log_lr.device), dim=-1)
+                                                   for f in steps]))
 
     def compute_step(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget],
                      requests: Sequence[EditRequest], features: StepFeaturesLike | None) -> dict[str, Any]:
@@ -229,8 +252,7 @@ class RLEditMethod(EditMethod):
         updates = super().compute_step(model, tokenizer, targets, requests, features)
         if getattr(self.hparams, "passes", 1) == 1:  # MEND (a subclass) has one pass
             return updates
-        plain = encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
-                       max_length=context_length(model), padding_side="left")
+        plain = self.plain_batch(tokenizer, requests, context_length(model))
         prefix = Prefix.for_targets(model, targets)  # the layers below the edited ones: computed once for all passes
         if prefix is not None:
             plain = prefix.attach(plain)
@@ -244,7 +266,7 @@ class RLEditMethod(EditMethod):
         if passes == 1:
             return []
         schedule = list(self.hparams.pass_positions) or [self.hparams.key_positions] * (passes - 1)
-        marked = {where: self._marked(tokenizer, requests, plain, where) for where in set(schedule)}
+        marked = {where: self.marked(tokenizer, requests, plain, where) for where in set(schedule)}
         return [marked[where] for where in schedule]
 
     def later_passes(self, model: nn.Module, targets: Sequence[EditTarget], batches: Sequence[TokenBatch],
@@ -313,6 +335,12 @@ class MALMENMethod(RLEditMethod):
 
     name = "malmen"
     hparams_class = MALMENHparams
+
+
+def _on_device(features: StepFeaturesLike, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Module ``name``'s keys and value-gradients of ``features``, fp32 on ``device``."""
+    return (features.keys[name].to(device=device, dtype=torch.float32),
+            features.grads[name].to(device=device, dtype=torch.float32))
 
 
 def _check_features(features: StepFeaturesLike, module_shapes: dict[str, tuple[int, int]]) -> None:

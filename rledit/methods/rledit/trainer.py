@@ -47,11 +47,12 @@ from tqdm.auto import tqdm
 
 from rledit import distributed
 from rledit.checkpoints import read_checkpoint
+from rledit.deltas import StoredSteps
 from rledit.eval.protocols import as_question
 from rledit.eval.relations import same_relation_pair
 from rledit.files import atomic_file, write_text_atomically
 from rledit.hooks import answer_token_loss, capture_features
-from rledit.methods.memory import split_memory_state
+from rledit.methods.memory import KeyMemory, split_memory_state
 from rledit.methods.rledit.method import RLEditMethod
 from rledit.methods.rledit.net import shared_statistics
 from rledit.methods.rledit.solve import factored_frobenius_sq
@@ -74,6 +75,20 @@ class WindowStep:
     loc: TokenBatch  # locality prompts → their answers
     loc_ref: torch.Tensor | None = None  # reference log-probs at loc answer positions ("unedited" mode)
     passes: list[TokenBatch] = field(default_factory=list)  # the edit batch of each later pass (method.passes > 1)
+
+
+@dataclass
+class Lane:
+    """One of the episodes a process runs side by side (``train.episodes_per_step``): its data order and
+    generator, the prompts and past steps of its running episode, and its model state (the delta store's
+    applied steps, its own key memory) while another lane runs."""
+
+    rng: random.Random
+    order: list[int] = field(default_factory=list)
+    episode_prompts: set[str] = field(default_factory=set)
+    history: list[WindowStep] = field(default_factory=list)
+    steps: StoredSteps | None = None
+    memory: KeyMemory | None = None
 
 
 def answer_log_probs(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
@@ -138,14 +153,11 @@ class RLEditTrainer:
         # single-process ones, rank r > 0 from the seed "<seed>-rank<r>" (train.distinct_episodes: False gives every
         # process rank 0's); gradients and normaliser statistics are shared, so all keep the same editor
         self.rank, self.processes = distributed.world()
-        own = self.rank > 0 and self.hp.distinct_episodes
-        self.rng = random.Random(f"{self.hp.seed}-rank{self.rank}" if own else self.hp.seed)
         self.main = self.rank == 0
-        self.order: list[int] = []
+        self.lanes = [self._new_lane(self.rank * self.hp.episodes_per_step + r) for r in range(self.hp.episodes_per_step)]
         self.episode = 0
         self.global_step = 0
         self.first_loss: float | None = None
-        self.episode_prompts: set[str] = set()  # the edit prompts of the running episode
         self.best_score: float | None = None
 
     # ------------------------------------------------------------------------------------------- the loop
@@ -163,7 +175,7 @@ class RLEditTrainer:
         if self.validation and self.episode == 0:  # the starting editor is a candidate too: training keeps the best
             self._validate()
         while self.episode < self.hp.episodes:
-            metrics = self._mean_over_processes(self.run_episode(self._draw_episode()))
+            metrics = self._mean_over_processes(self.run_episode([self._draw_episode(lane) for lane in self.lanes]))
             self.episode += 1
             metrics.update(episode=self.episode, seconds=round(time.perf_counter() - start, 2),
                            scalars=self._mean_scalars())
@@ -190,35 +202,49 @@ class RLEditTrainer:
         distributed.barrier()
         return final
 
-    def run_episode(self, requests: list[EditRequest]) -> dict[str, float]:
-        """One episode: reset the model, optionally apply m warm-start steps without gradients, then T steps,
-        each acting, learning and then keeping its edit."""
-        hp = self.hp
-        self._clear_steps()
-        steps = [requests[i:i + hp.batch] for i in range(0, len(requests), hp.batch)]
-        self.episode_prompts = {r.prompt for r in requests}
-        warm = self.rng.randint(0, hp.warm_start_max) if hp.warm_start_max else 0
-        warm = distributed.gather(warm)[0]  # every process applies as many steps (rank 0's draw)
-        history: list[WindowStep] = []
-        for step_requests in steps[hp.steps_per_episode:hp.steps_per_episode + warm]:
-            history.append(self._tokenise(step_requests))
-            self.apply_step(history[-1])
+    def run_episode(self, episodes: list[list[EditRequest]]) -> dict[str, float]:
+        """One episode per lane, side by side: reset each lane's model, optionally apply m warm-start steps
+        without gradients, then T steps, each acting, learning and then keeping its edit. Returns the metrics
+        averaged over the steps and lanes."""
+        hp, lanes = self.hp, self.lanes
+        draws = [lane.rng.randint(0, hp.warm_start_max) if hp.warm_start_max else 0 for lane in lanes]
+        warm = distributed.gather(draws[0])[0]  # every lane of every process applies as many steps (the first's draw)
+        plans = []
+        for lane, requests in zip(lanes, episodes):
+            with self._running(lane):
+                self._clear_steps()
+            lane.episode_prompts, lane.history = {r.prompt for r in requests}, []
+            plans.append([requests[i:i + hp.batch] for i in range(0, len(requests), hp.batch)])
+        for w in range(hp.steps_per_episode, hp.steps_per_episode + warm):
+            for lane, steps in zip(lanes, plans):
+                lane.history.append(self._tokenise(steps[w], lane))
+            self._lockstep([(lane, lane.history[-1], (), ()) for lane in lanes], learn=False)
         totals: dict[str, float] = {}
         for t in range(hp.steps_per_episode):
-            history.append(self._tokenise(steps[t]))
-            metrics = self.learn_step(history[-1], *self._past(history[:-1]))
-            if hp.backtracking == "window":  # older steps are never looked at again: free their cached tensors
-                history = history[-(hp.back_depth - 1):] if hp.back_depth > 1 else []
+            work = []
+            for lane, steps in zip(lanes, plans):
+                lane.history.append(self._tokenise(steps[t], lane))
+                work.append((lane, lane.history[-1], *self._past(lane.history[:-1], lane)))
+            for metrics in self._lockstep(work, learn=True):
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value / (hp.steps_per_episode * len(lanes))
+            for lane in lanes:
+                if hp.backtracking == "window":  # older steps are never looked at again: free their cached tensors
+                    lane.history = lane.history[-(hp.back_depth - 1):] if hp.back_depth > 1 else []
             self.global_step += 1
             if self.global_step % hp.update_every == 0:
                 self._optimiser_step()
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value / hp.steps_per_episode
+        for lane in lanes:
+            lane.history = []
+            if len(lanes) > 1:  # the lanes' edits are done with: free them before validation
+                with self._running(lane):
+                    self._clear_steps()
         totals["warm_start_steps"] = warm
         return totals
 
-    def _past(self, earlier: list[WindowStep]) -> tuple[list[WindowStep], list[float]]:
-        """The earlier steps the newest step's loss looks back on, and their weights."""
+    def _past(self, earlier: list[WindowStep], lane: Lane | None = None) -> tuple[list[WindowStep], list[float]]:
+        """The earlier steps the newest step's loss looks back on, and their weights (sampled with the lane's
+        generator; default the first lane's)."""
         hp = self.hp
         if hp.backtracking == "window":
             chosen = earlier[::-1][:hp.back_depth - 1]
@@ -226,37 +252,77 @@ class RLEditTrainer:
         k = min(hp.back_samples, len(earlier))
         if k == 0:
             return [], []
-        return self.rng.sample(earlier, k), [hp.past_weight / k] * k
+        return (lane or self.lanes[0]).rng.sample(earlier, k), [hp.past_weight / k] * k
 
     def learn_step(self, current: WindowStep, past: Sequence[WindowStep] = (),
                    past_weights: Sequence[float] = ()) -> dict[str, float]:
-        """Act on ``current``, backpropagate L_t over it and ``past`` (weighted), then apply the action for good."""
-        hp, store, model = self.hp, self.editor.store, self.editor.model
-        steps, weights = [current, *past], [1.0, *past_weights]
+        """Act on ``current``, backpropagate L_t over it and ``past`` (weighted), then apply the action for good
+        (one lane)."""
+        return self._lockstep([(self.lanes[0], current, past, past_weights)], learn=True)[0]
+
+    def apply_step(self, step: WindowStep) -> None:
+        """Apply the current editor's update of ``step`` without learning from it (a warm-start step; one lane)."""
+        self._lockstep([(self.lanes[0], step, (), ())], learn=False)
+
+    def _lockstep(self, work: Sequence[tuple[Lane, WindowStep, Sequence[WindowStep], Sequence[float]]],
+                  learn: bool) -> list[dict[str, float]]:
+        """One step of each lane of ``work`` ((lane, current, past, past weights)): every lane's features are
+        captured on its own model state, the normaliser folds them all in (and every process's), then each lane
+        acts on its features, learns (``learn``: backpropagates its L_t, scaled so that the optimiser step
+        takes the mean over lanes and steps) and keeps its edit. Returns each lane's metrics (learning only)."""
+        model, targets = self.editor.model, self.editor.targets
         with self._upper_layers_only():
-            features = capture_features(model, self.editor.targets, current.edit)
-            references = self._references(steps)
+            features = []
+            for lane, current, _, _ in work:
+                with self._running(lane):
+                    features.append(capture_features(model, targets, current.edit))
             with self._shared_statistics():
-                updates = self.method.compute_updates(features, self.editor.targets, update_stats=True)
-            updates = self.method.later_passes(model, self.editor.targets, current.passes, updates)
-            with store.pending(updates):
-                gen_loss, loc_loss, edit_acc = self._backtracking_losses(steps, weights, references)
-            reg = sum(factored_frobenius_sq(u, v) for u, v in updates.values())
-            loss = gen_loss + hp.loc_coef * loc_loss + hp.reg_coef * reg
-            (loss / hp.update_every).backward()
+                self.method.fold_statistics(features)
+            results = []
+            for (lane, current, past, weights), step_features in zip(work, features):
+                with self._running(lane), torch.set_grad_enabled(learn):
+                    results.append(self._act(current, past, weights, step_features, learn, len(work)))
+        return results
+
+    def _act(self, current: WindowStep, past: Sequence[WindowStep], past_weights: Sequence[float], features,
+             learn: bool, lanes: int) -> dict[str, float]:
+        """The running lane's action on ``current`` (the normaliser already holds its features), its loss
+        backpropagated when ``learn``, and the action kept."""
+        hp, model, targets = self.hp, self.editor.model, self.editor.targets
+        updates = self.method.compute_updates(features, targets, update_stats=False)
+        updates = self.method.later_passes(model, targets, current.passes, updates)
+        if not learn:
+            self._keep(updates)
+            return {}
+        steps, weights = [current, *past], [1.0, *past_weights]
+        references = self._references(steps)
+        with self.editor.store.pending(updates):
+            gen_loss, loc_loss, edit_acc = self._backtracking_losses(steps, weights, references)
+        reg = sum(factored_frobenius_sq(u, v) for u, v in updates.values())
+        loss = gen_loss + hp.loc_coef * loc_loss + hp.reg_coef * reg
+        (loss / (hp.update_every * lanes)).backward()
         self._keep({name: (u.detach(), v.detach()) for name, (u, v) in updates.items()})
         return {"loss": loss.item(), "gen": gen_loss.item(), "loc": loc_loss.item(), "reg": reg.item(),
                 "update_norm": math.sqrt(max(reg.item(), 0.0) / len(updates)), "edit_acc": edit_acc,
                 "pre_edit_loss": features.loss}
 
-    @torch.no_grad()
-    def apply_step(self, step: WindowStep) -> None:
-        """Apply the current editor's update of ``step`` without learning from it (a warm-start step)."""
-        with self._upper_layers_only():
-            features = capture_features(self.editor.model, self.editor.targets, step.edit)
-            with self._shared_statistics():
-                updates = self.method.compute_updates(features, self.editor.targets, update_stats=True)
-            self._keep(self.method.later_passes(self.editor.model, self.editor.targets, step.passes, updates))
+    @contextlib.contextmanager
+    def _running(self, lane: Lane):
+        """Inside the block the model and the method carry ``lane``'s state (its applied steps and key memory);
+        with one lane that is the editor's own state and nothing moves."""
+        if len(self.lanes) == 1:
+            yield
+            return
+        store, method = self.editor.store, self.method
+        outer, lane.steps = store.exchange_steps(lane.steps), None
+        outer_memory, method.memory = method.memory, lane.memory
+        method.inverses.clear()  # (kept inverses belong to one memory)
+        try:
+            yield
+        finally:
+            lane.steps = store.exchange_steps(outer)
+            lane.memory, method.memory = method.memory, outer_memory
+            method.inverses.clear()
 
     def _keep(self, updates) -> None:
         self.method.step_applied(self.editor.store.add(updates))
@@ -324,17 +390,26 @@ class RLEditTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------------------------------- the data
-    def _draw_episode(self) -> list[EditRequest]:
-        """The next T×B requests of a seeded shuffle of the training split (reshuffled when used up)."""
+    def _new_lane(self, index: int) -> Lane:
+        """Lane ``index`` over all processes (process p's lane r is p·R + r): lane 0 draws the episodes of a
+        single run, lane i > 0 those of the seed "<seed>-rank<i>" (``distinct_episodes: False``: lane 0's)."""
+        own = index > 0 and self.hp.distinct_episodes
+        lane = Lane(random.Random(f"{self.hp.seed}-rank{index}" if own else self.hp.seed))
+        if self.hp.episodes_per_step > 1 and self.method.memory is not None:
+            lane.memory = KeyMemory(self.method.hypernet.module_shapes, self.method.memory.device)
+        return lane
+
+    def _draw_episode(self, lane: Lane) -> list[EditRequest]:
+        """The lane's next T×B requests of a seeded shuffle of the training split (reshuffled when used up)."""
         need = (self.hp.steps_per_episode + self.hp.warm_start_max) * self.hp.batch
-        if len(self.order) < need:
+        if len(lane.order) < need:
             order = list(range(len(self.requests)))
-            self.rng.shuffle(order)
-            self.order = order
-        chosen, self.order = self.order[:need], self.order[need:]
+            lane.rng.shuffle(order)
+            lane.order = order
+        chosen, lane.order = lane.order[:need], lane.order[need:]
         return [self.requests[i] for i in chosen]
 
-    def _tokenise(self, requests: list[EditRequest]) -> WindowStep:
+    def _tokenise(self, requests: list[EditRequest], lane: Lane | None = None) -> WindowStep:
         tok = self.editor.tokenizer
         gen_prompts = [p for r in requests for p in r.rephrase_prompts]
         gen_targets = [r.target_new for r in requests for _ in r.rephrase_prompts]
@@ -345,10 +420,11 @@ class RLEditTrainer:
                for r in requests for pa in r.locality[:1]]  # NQ questions as zsre-token-acc@2 asks them
         if self.hp.relation_locality:  # not a record this episode edits: its answer is meant to change
             pairs = (same_relation_pair(r, half="train") for r in requests)
-            loc += [pair for pair in pairs if pair is not None and pair[0] not in self.episode_prompts]
+            episode_prompts = (lane or self.lanes[0]).episode_prompts
+            loc += [pair for pair in pairs if pair is not None and pair[0] not in episode_prompts]
         # left padding: answers end every row, so answer_logits projects few positions
-        plain = encode(tok, [r.prompt for r in requests], [r.target_new for r in requests], padding_side="left")
-        batches = [self.method.feature_batch(tok, requests, plain),
+        plain = self.method.plain_batch(tok, requests)
+        batches = [self.method.marked(tok, requests, plain),
                    encode(tok, gen_prompts, gen_targets, padding_side="left"),
                    encode(tok, [prompt for prompt, _ in loc], [answer for _, answer in loc], padding_side="left"),
                    *self.method.pass_batches(tok, requests, plain)]  # the later passes of an edit, as at edit time
@@ -427,14 +503,14 @@ class RLEditTrainer:
 
     def _save_state(self) -> None:
         """Checkpoint network, optimiser, data order and RNG so that ``resume`` continues exactly (atomic)."""
-        state = {"episode": self.episode, "global_step": self.global_step, "order": self.order,
-                 "n_requests": len(self.requests),
-                 "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
+        data = self._data_state()
+        state = {"episode": self.episode, "global_step": self.global_step, "n_requests": len(self.requests),
+                 **data, "torch_rng": torch.get_rng_state(),
                  "first_loss": self.first_loss, "best_score": self.best_score,
                  "method": split_memory_state(self.method.state_dict())[0],  # the next episode starts empty
                  "optimizer": self.optimizer.state_dict()}
         self._check_processes_agree()
-        ranks = distributed.gather({"order": self.order, "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state()})
+        ranks = distributed.gather({**data, "torch_rng": torch.get_rng_state()})
         if self.processes > 1:
             state["ranks"] = ranks  # each process's own data order and generators
         if not self.main:
@@ -442,6 +518,11 @@ class RLEditTrainer:
         with atomic_file(self.out_dir / STATE_FILE) as temporary:
             torch.save(state, temporary)
         self.editor.save_checkpoint(self.out_dir / f"editor-ep{self.episode:05d}", extra=self._training_facts())
+
+    def _data_state(self) -> dict[str, Any]:
+        """The first lane's data order and generator (and every lane's, with several)."""
+        lanes = [{"order": lane.order, "rng": lane.rng.getstate()} for lane in self.lanes]
+        return {**lanes[0], **({"lanes": lanes} if len(lanes) > 1 else {})}
 
     def _load_state(self) -> None:
         path = self.out_dir / STATE_FILE
@@ -457,7 +538,7 @@ class RLEditTrainer:
         if n_requests is not None and n_requests != len(self.requests):
             raise ValueError(f"--resume: the run in {self.out_dir} trained on {n_requests} records, this one was given "
                              f"{len(self.requests)}; resume with the same data and --limit")
-        if any(i >= len(self.requests) for i in state["order"]):
+        if any(i >= len(self.requests) for i in state["order"] + [i for lane in state.get("lanes", []) for i in lane["order"]]):
             raise ValueError(f"--resume: the run in {self.out_dir} used more training records than the "
                              f"{len(self.requests)} given; resume with the same data and --limit")
         saved_processes = len(state["ranks"]) if "ranks" in state else 1
@@ -465,9 +546,15 @@ class RLEditTrainer:
             raise ValueError(f"--resume: the run in {self.out_dir} was trained by {saved_processes} process(es); "
                              f"resume it with as many (this is {self.processes}), or start a new run with --init")
         own = state["ranks"][self.rank] if "ranks" in state else state
-        self.episode, self.global_step, self.order = state["episode"], state["global_step"], own["order"]
+        lanes = own.get("lanes", [{"order": own["order"], "rng": own["rng"]}])
+        if len(lanes) != len(self.lanes):
+            raise ValueError(f"--resume: the run in {self.out_dir} ran {len(lanes)} episode(s) per step in each "
+                             f"process; resume it with as many (train.episodes_per_step is {len(self.lanes)})")
+        for lane, saved in zip(self.lanes, lanes):
+            lane.order = list(saved["order"])
+            lane.rng.setstate(saved["rng"])
+        self.episode, self.global_step = state["episode"], state["global_step"]
         self.first_loss, self.best_score = state.get("first_loss"), state.get("best_score")
-        self.rng.setstate(own["rng"])
         torch.set_rng_state(own["torch_rng"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
