@@ -144,3 +144,20 @@ bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-pr
   method.corpus_init=100.0 method.corpus=counterfact-train-facts method.stats_samples=6000 method.refine=gradient \
   method.key_positions=subject method.lr_init=0.45 method.passes=5 "method.pass_positions=[subject,subject,subject,answer]" \
   --label "rledit+subject keys, down_proj (untrained; 4 subject passes then 1 answer pass, lr 0.45, beta 1, C0 alpha 100, layers 18-21)"
+
+# The same rule at down_proj of layers 4-8 (experiment log entry 17; chosen on the 400-edit stream of
+# benchmarks/results/sweeps/early-layers/sweep-cf-early.md; it does not hold at 1,000 eval edits)
+EARLY=(--layers 4 5 6 7 8 --modules down_proj --methods rledit --set method.lambda_init=-2.12 method.memory_init=1.0
+  method.corpus_init=100.0 method.corpus=counterfact-train-facts method.stats_samples=6000 method.refine=gradient
+  method.key_positions=subject method.lr_init=0.45 method.passes=5 "method.pass_positions=[subject,subject,subject,answer]"
+  --label "rledit+subject keys, down_proj 4-8 (untrained; 4 subject passes then 1 answer pass, lr 0.45, beta 1, C0 alpha 100)")
+bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20 "${EARLY[@]}"
+
+# Seven subject passes and C_0 alpha 300 at layers 18-21 (experiment log entry 15; chosen on the 1,000-edit stream of
+# benchmarks/results/sweeps/long-validation/sweep-cf-down-schedule-1000.md), at 1,000 and 2,000 CounterFact edits
+SEVEN=(--layers 18 19 20 21 --modules down_proj --methods rledit --set method.lambda_init=-2.12 method.memory_init=1.0
+  method.corpus_init=300.0 method.corpus=counterfact-train-facts method.stats_samples=6000 method.refine=gradient
+  method.key_positions=subject method.lr_init=0.45 method.passes=7 "method.pass_positions=[subject,subject,subject,subject,subject,subject]"
+  --label "rledit+subject keys, down_proj (untrained; 7 subject passes, lr 0.45, beta 1, C0 alpha 300, layers 18-21)")
+bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20 "${SEVEN[@]}"
+bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-prob@1 --out benchmarks/results/counterfact-100x20 "${SEVEN[@]}"

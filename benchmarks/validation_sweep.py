@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import rledit
 from rledit.data import load_requests
@@ -100,7 +101,7 @@ def main() -> None:
         if references is None:
             references = editor.references(stream, [protocol])
         start = time.perf_counter()
-        for i in range(0, len(stream), args.batch):
+        for i in tqdm(range(0, len(stream), args.batch), desc="edit steps", unit="step"):
             editor.apply(stream[i:i + args.batch])
         result = editor.evaluate(stream, [protocol], references=references)
         metrics = result.metrics[protocol]

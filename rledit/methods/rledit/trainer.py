@@ -23,6 +23,10 @@ oldest edits in the loss at a fixed cost per step. Guards: every episode logs th
 scalars; a held-out validation stream is scored every ``validate_every`` episodes and the best editor kept as
 ``editor-best``; training stops when the episode loss diverges (``diverge_factor``).
 
+With ``episodes_per_step`` R > 1 a process runs R episodes side by side (lanes): step t of every lane is taken
+in lockstep, each on its own model state, the normaliser folds in all their features at once and the optimiser
+step takes the mean of their gradients, exactly as R data-parallel processes with one episode each would.
+
 No weight is ever mutated (deltas are applied by the store's hooks), the μ term is differentiable, the
 optimiser steps many times, and everything is seeded. MALMEN-style training is the same loop with
 ``steps_per_episode = 1`` and ``back_depth = 1``.
