@@ -181,3 +181,14 @@ def test_two_processes_equal_one_process_running_their_episodes_side_by_side(tin
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     again = trained(tmp_path / "split")
     assert all(torch.equal(lanes[k], again[k]) for k in lanes)
+
+
+def test_a_process_group_that_cannot_start_is_refused_before_any_work(tiny_run, tmp_path):
+    folder, data = tiny_run
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env |= {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "never.json"
+    done = subprocess.run([sys.executable, "-m", "rledit.cli", "eval", "--model", str(folder), "--data", str(data),
+                           "--out", str(out)], capture_output=True, text=True, env=env, check=False, timeout=120)
+    assert done.returncode == 1 and "the process group of 2 processes could not start" in done.stderr
+    assert "MASTER_ADDR" in done.stderr and not out.exists()
