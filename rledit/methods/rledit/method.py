@@ -48,7 +48,7 @@ class RLEditMethod(EditMethod):
 
     Untrained (``hypernet`` fresh), it is the gradient-like editor d_i = -lr·||k_i||²·g_i. The normaliser
     mode (``hparams.normalizer``) decides whether edit steps update the feature statistics; the trainer
-    passes ``update_stats=True`` explicitly.
+    folds them in itself (:meth:`fold_statistics`) and passes ``update_stats=False``.
     """
 
     name = "rledit"
@@ -218,7 +218,7 @@ class RLEditMethod(EditMethod):
         saved = {k: v.clone() for k, v in net.normalizers.state_dict().items()}
         try:
             if update_stats and network:
-                self.fold_statistics([features])
+                self._fold([features])
             updates = {}
             for name in features.keys:
                 keys, grads = _on_device(features, name, net.log_lr.device)
@@ -236,9 +236,12 @@ class RLEditMethod(EditMethod):
         """Fold the features of ``steps`` (one step, or steps taken side by side, in order) into the normaliser
         as one update per module (inside :func:`rledit.methods.rledit.net.shared_statistics`, every process's
         too): the "lifelong" normaliser's update before a step's features are normalised."""
-        net = self.hypernet
         for features in steps:
-            _check_features(features, net.module_shapes)
+            _check_features(features, self.hypernet.module_shapes)
+        self._fold(steps)
+
+    def _fold(self, steps: Sequence[StepFeaturesLike]) -> None:
+        net = self.hypernet
         for name in steps[0].keys:
             net.normalizer(name).update(torch.cat([torch.cat(_on_device(f, name, net.log_lr.device), dim=-1)
                                                    for f in steps]))

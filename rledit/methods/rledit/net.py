@@ -199,19 +199,16 @@ class HyperNetwork(nn.Module):
         """Module ``name``'s feature normaliser."""
         return self.normalizers[self._slot(name)[2]]
 
-    def forward(self, name: str, keys: torch.Tensor, grads: torch.Tensor,
-                update_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, name: str, keys: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Edited features (k~, g~), shapes (N, d_in) and (N, d_out), for module ``name``.
 
-        With ``update_stats`` the normaliser first folds in these rows, then normalises them with the
-        updated statistics (update-then-normalise: the current step is part of the statistics it is
-        normalised with, so the first step ever is normalised by its own statistics).
+        The features are normalised with the normaliser's current statistics; the editor folds a step's own
+        rows in first (``RLEditMethod.fold_statistics``: update-then-normalise, so the first step ever is
+        normalised by its own statistics).
         """
         key, index, _ = self._slot(name)
         features = torch.cat([keys, grads], dim=-1)
         normalizer = self.normalizer(name)
-        if update_stats:
-            normalizer.update(features)
         edited = normalizer.denormalize(self.nets[key](normalizer.normalize(features), index))
         return edited.split([keys.shape[-1], grads.shape[-1]], dim=-1)
 

@@ -542,7 +542,7 @@ class RLEditTrainer:
         if n_requests is not None and n_requests != len(self.requests):
             raise ValueError(f"--resume: the run in {self.out_dir} trained on {n_requests} records, this one was given "
                              f"{len(self.requests)}; resume with the same data and --limit")
-        if any(i >= len(self.requests) for i in state["order"] + [i for lane in state.get("lanes", []) for i in lane["order"]]):
+        if any(i >= len(self.requests) for saved in state.get("lanes", [state]) for i in saved["order"]):
             raise ValueError(f"--resume: the run in {self.out_dir} used more training records than the "
                              f"{len(self.requests)} given; resume with the same data and --limit")
         saved_processes = len(state["ranks"]) if "ranks" in state else 1
