@@ -139,6 +139,30 @@ def test_answer_position_statistics_count_the_keys_an_edit_would_read(tokenizer)
         load_or_compute_statistics(model, tokenizer, targets, "sst2", 6, 128, 4, positions="answers")
 
 
+def test_subject_position_statistics_count_each_subjects_last_token_key(tokenizer):
+    from rledit.tokens import subject_last_token
+
+    model = tiny_model("llama")
+    targets = resolve_targets(model, [1], ["down_proj"])
+    corpus = "counterfact-train-subjects+zsre-train-subjects"
+    stats = load_or_compute_statistics(model, tokenizer, targets, corpus, 6, 128, 4, positions="subjects")
+    texts = corpus_texts(model, tokenizer, corpus, 6, 128)
+    assert len(texts.texts) == 6 and stats.n_tokens == 6 and "_subjects_" in stats.path.name
+    seen = []
+    handle = targets[0].module.register_forward_hook(lambda m, args, out: seen.append(args[0][0].double()))
+    with torch.no_grad():  # one text at a time, the key read where the tokenizer's offsets put the subject's end
+        for text, end in zip(texts.texts, texts.subject_ends):
+            model(input_ids=torch.tensor([tokenizer(text)["input_ids"]]))
+            word = text[:end].split()[-1]  # the subject's last word ends where the subject does
+            seen[-1] = seen[-1][subject_last_token(tokenizer, text, word, end - len(word))][None]
+    handle.remove()
+    keys = torch.cat(seen)
+    assert torch.allclose(stats.second_moments[targets[0].name], keys.T @ keys / 6, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="need a corpus that knows its subjects"):
+        load_or_compute_statistics(model, tokenizer, targets, "counterfact-train-facts", 6, 128, 4,
+                                   positions="subjects")
+
+
 def test_a_token_budget_counts_exactly_that_many_tokens(tokenizer, corpus_file):
     model = tiny_model("llama")
     targets = resolve_targets(model, [1], ["down_proj"])

@@ -17,6 +17,7 @@ from rledit.data.files import data_dir
 
 BUNDLED_CORPORA = {"sst2": "corpus/sst2_sentences.txt.gz"}  # name -> file under the data folder
 QUESTION_CORPORA = ("zsre-train-questions", "zsre-train-facts", "counterfact-train-facts")  # built from the bundled training splits
+SUBJECT_CORPORA = ("zsre-train-subjects", "counterfact-train-subjects")  # training prompts that know their subject
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
@@ -32,6 +33,7 @@ class Corpus:
     texts: list[str]
     identifier: str  # e.g. "sst2_sentences-3c1f9a0e2b7d"
     answer_starts: list[int] | None = None  # question-answer corpora: where each text's " answer" begins
+    subject_ends: list[int] | None = None  # subject corpora: where each text's subject ends (a character index)
 
 
 def _pairs(pairs: list[tuple[str, str]], limit: int, identifier: str) -> Corpus:
@@ -55,6 +57,8 @@ def load_corpus(source: str, limit: int, split: str = "train", column: str = "te
         return _zsre_fact_corpus(limit)
     if source == "counterfact-train-facts":
         return _fact_corpus(limit)
+    if source in SUBJECT_CORPORA:
+        return _subject_corpus(source.split("-", 1)[0], limit)
     if source in BUNDLED_CORPORA:
         path = data_dir() / BUNDLED_CORPORA[source]
         if not path.is_file():
@@ -125,6 +129,38 @@ def _fact_corpus(limit: int) -> Corpus:
         raise CorpusError("the CounterFact training split holds no true facts")
     digest = hashlib.sha256(dataset_file("counterfact", "train").read_bytes()).hexdigest()[:12]
     return _pairs(pairs, limit, f"counterfact_train_facts2-{digest}")
+
+
+def _subject_corpus(data: str, limit: int) -> Corpus:
+    """"zsre-train-subjects" / "counterfact-train-subjects": the prompt and the paraphrases of every training
+    record in the "train" half of :mod:`rledit.eval.relations`, in file order, each with where its subject ends
+    (texts that do not name the subject are left out). Statistics over their subjects' last tokens
+    (``positions="subjects"``) stand for the keys of *other* subjects, which an edit written at its subject's
+    last token must leave alone; a prompt of the other half (its edits and CounterFact's neighbourhoods) is never
+    in it, so a validation stream drawn from that half is not in the statistics."""
+    from rledit.data import dataset_file, load_requests
+    from rledit.eval.relations import in_half
+
+    records = load_requests(data, split="train")
+    held_out = {p.rstrip() for r in records if in_half(r, "metric")
+                for p in (r.prompt, *r.rephrase_prompts, *(item.prompt for item in r.locality))}
+    texts, ends = [], []
+    for record in records:
+        if not in_half(record, "train") or not record.subject or not record.subject.strip():
+            continue
+        subject = record.subject.strip()
+        for prompt in (record.prompt, *record.rephrase_prompts):
+            prompt = prompt.rstrip()
+            start = prompt.find(subject)
+            if start < 0:
+                start = prompt.lower().find(subject.lower())
+            if start >= 0 and prompt not in held_out:
+                texts.append(prompt)
+                ends.append(start + len(subject))
+    if not texts:
+        raise CorpusError(f"the {data} training split holds no prompts that name their subject")
+    digest = hashlib.sha256(dataset_file(data, "train").read_bytes()).hexdigest()[:12]
+    return Corpus(texts[:limit], f"{data}_train_subjects-{digest}", subject_ends=ends[:limit])
 
 
 def _file_corpus(path: Path, limit: int, column: str) -> Corpus:

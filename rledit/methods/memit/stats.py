@@ -29,14 +29,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rledit.files import atomic_file
-from rledit.methods.memit.corpus import QUESTION_CORPORA, Corpus, load_corpus
+from rledit.methods.memit.corpus import QUESTION_CORPORA, SUBJECT_CORPORA, Corpus, load_corpus
 from rledit.methods.runtime import frozen_model
 from rledit.models import cache_root
 from rledit.targets import EditTarget, find_blocks
 from rledit.tokens import text_ids
 
 STATS_FORMAT = "rledit-key-stats-v1"
-POSITIONS = ("all", "answers")  # which tokens of each corpus text the statistics count
+POSITIONS = ("all", "answers", "subjects")  # which tokens of each corpus text the statistics count
 
 
 @dataclass
@@ -107,14 +107,19 @@ def load_or_compute_statistics(model: nn.Module, tokenizer: Any, targets: Sequen
 
     ``positions="answers"`` counts only the tokens an edit's features are read at, had the text been an edit
     (the prompt's last token and the answer's tokens but the last), for question-answer corpora
-    (``zsre-train-questions``, ``zsre-train-facts``, ``counterfact-train-facts`` and mixes of them); "all"
-    (default) counts every token."""
+    (``zsre-train-questions``, ``zsre-train-facts``, ``counterfact-train-facts`` and mixes of them);
+    ``positions="subjects"`` counts only each text's subject's last token, where a subject-keyed edit writes, for
+    the subject corpora (``zsre-train-subjects``, ``counterfact-train-subjects``); "all" (default) counts every
+    token."""
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     text_corpus = corpus_texts(model, tokenizer, corpus, samples, max_length, split, column)
     if positions == "answers" and text_corpus.answer_starts is None:
         raise ValueError(f"answer-position statistics need a question-answer corpus ({', '.join(QUESTION_CORPORA)}"
                          f" or a mix of them); {corpus!r} is plain text")
+    if positions == "subjects" and text_corpus.subject_ends is None:
+        raise ValueError(f"subject-position statistics need a corpus that knows its subjects "
+                         f"({', '.join(SUBJECT_CORPORA)} or a mix of them); {corpus!r} does not")
     path, description = statistics_file(model, targets, text_corpus.identifier, samples, max_length, max_tokens,
                                         positions)
     device = next(model.parameters()).device
@@ -122,7 +127,7 @@ def load_or_compute_statistics(model: nn.Module, tokenizer: Any, targets: Sequen
         return _read(path, targets, device)
     start = time.perf_counter()
     moments, n_tokens = compute_second_moments(model, tokenizer, targets, text_corpus, max_length, batch_size,
-                                               max_tokens, answers_only=positions == "answers")
+                                               max_tokens, positions)
     seconds = time.perf_counter() - start
     meta = dict(description, n_texts=len(text_corpus.texts), n_tokens=n_tokens, compute_seconds=seconds)
     _write(path, {name: m.to(torch.float32) for name, m in moments.items()}, meta)
@@ -145,23 +150,29 @@ def corpus_texts(model: nn.Module, tokenizer: Any, corpus: str, samples: int, ma
             loaded.append(load_corpus(part, samples, split, column))
     if len(loaded) == 1:
         return loaded[0]
-    starts = [c.answer_starts if c.answer_starts is not None else [None] * len(c.texts) for c in loaded]
-    mixed = [item for group in itertools.zip_longest(*(zip(c.texts, s) for c, s in zip(loaded, starts)))
-             for item in group if item is not None and item[0]][:samples]
-    known = all(c.answer_starts is not None for c in loaded)
-    return Corpus([text for text, _ in mixed], "+".join(c.identifier for c in loaded),
-                  [start for _, start in mixed] if known else None)
+    def marks(c: Corpus, field: str) -> list[int | None]:
+        return getattr(c, field) if getattr(c, field) is not None else [None] * len(c.texts)
+
+    rows = [zip(c.texts, marks(c, "answer_starts"), marks(c, "subject_ends")) for c in loaded]
+    mixed = [item for group in itertools.zip_longest(*rows) for item in group
+             if item is not None and item[0]][:samples]
+    starts_known = all(c.answer_starts is not None for c in loaded)
+    ends_known = all(c.subject_ends is not None for c in loaded)
+    return Corpus([text for text, _, _ in mixed], "+".join(c.identifier for c in loaded),
+                  [start for _, start, _ in mixed] if starts_known else None,
+                  [end for _, _, end in mixed] if ends_known else None)
 
 
 @torch.no_grad()
 def compute_second_moments(model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget], corpus: Corpus,
                            max_length: int, batch_size: int,
                            max_tokens: int | None = None,
-                           answers_only: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+                           positions: str = "all") -> tuple[dict[str, torch.Tensor], int]:
     """E[k kᵀ] (fp64) of every target's inputs over the tokens of ``corpus`` (texts cut to ``max_length``
     tokens; at most ``max_tokens`` tokens in all, the last text cut), and the number of tokens. The forward stops
-    after the last edited layer. ``answers_only`` keeps, of each text, only its answer positions (the prompt's
-    last token up to the answer's last but one; ``corpus.answer_starts`` says where the answers begin)."""
+    after the last edited layer. ``positions="answers"`` keeps, of each text, only its answer positions (the
+    prompt's last token up to the answer's last but one; ``corpus.answer_starts`` says where the answers begin),
+    ``"subjects"`` only its subject's last token (``corpus.subject_ends``)."""
     device = next(model.parameters()).device
     sums = {t.name: torch.zeros(t.d_in, t.d_in, dtype=torch.float64, device=device) for t in targets}
     mask_holder: dict[str, torch.Tensor] = {}
@@ -188,20 +199,25 @@ def compute_second_moments(model: nn.Module, tokenizer: Any, targets: Sequence[E
                     break
                 texts = corpus.texts[begin:begin + batch_size]
                 input_ids, attention = _right_padded(tokenizer, texts, max_length)
-                counted = attention if not answers_only else attention * _answer_positions(
-                    tokenizer, texts, corpus.answer_starts[begin:begin + batch_size], attention)
+                counted = attention
+                if positions == "answers":
+                    counted = attention * _answer_positions(tokenizer, texts,
+                                                            corpus.answer_starts[begin:begin + batch_size], attention)
+                elif positions == "subjects":
+                    counted = attention * _subject_positions(tokenizer, texts,
+                                                             corpus.subject_ends[begin:begin + batch_size], attention)
                 if max_tokens is not None:  # the tokens past the budget (row-major) are not counted
                     counted = counted * (counted.flatten().cumsum(0) <= max_tokens - n_tokens).reshape(
                         counted.shape).long()
-                    if not answers_only:  # nor run: the model sees each text up to its last counted token
+                    if positions == "all":  # nor run: the model sees each text up to its last counted token
                         attention = counted
                     kept = counted.any(1)
                     input_ids, attention, counted = input_ids[kept], attention[kept], counted[kept]
                 mask_holder["mask"] = counted.bool().to(device)
-                positions = (attention.cumsum(1) - 1).clamp(min=0)
+                position_ids = (attention.cumsum(1) - 1).clamp(min=0)
                 try:
                     model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                          position_ids=positions.to(device), use_cache=False)
+                          position_ids=position_ids.to(device), use_cache=False)
                 except _StopForward:
                     pass
                 n_tokens += int(counted.sum())
@@ -219,6 +235,16 @@ def _answer_positions(tokenizer: Any, texts: list[str], starts: list[int], atten
         first = len(text_ids(tokenizer, text[:start].rstrip())) - 1
         last = int(attention[row].sum()) - 1
         mask[row, max(first, 0):last] = 1
+    return mask
+
+
+def _subject_positions(tokenizer: Any, texts: list[str], ends: list[int], attention: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1: per right-padded row, its subject's last token (none when a text was cut before it)."""
+    mask = torch.zeros_like(attention)
+    for row, (text, end) in enumerate(zip(texts, ends)):
+        last = len(text_ids(tokenizer, text[:end])) - 1
+        if 0 <= last < int(attention[row].sum()):
+            mask[row, last] = 1
     return mask
 
 

@@ -18,7 +18,7 @@ NORMALIZER_MODES = ("frozen", "lifelong")
 LOC_REFERENCES = ("previous", "unedited")
 BACKTRACKING = ("window", "sampled")
 KEY_POSITIONS = ("answer", "answer+subject", "subject")
-CORPUS_POSITIONS = ("all", "answers")
+CORPUS_POSITIONS = ("all", "answers", "subjects")
 REFINE = ("network", "gradient")
 
 
@@ -158,10 +158,12 @@ class RLEditHparams:
         stats_samples: how many corpus texts C_0 is estimated on.
         stats_max_length: corpus texts are cut to this many tokens; stats_batch_size: texts per forward pass
             while C_0 is estimated (the cache file depends on the first, not on the second).
-        corpus_positions: which tokens of each corpus text C_0 counts: "all" (default) or "answers", only the
+        corpus_positions: which tokens of each corpus text C_0 counts: "all" (default); "answers", only the
             positions an edit's features would be read at had the text been an edit (its question's last token
             and its answer's tokens), for the question-answer corpora (zsre-train-questions, zsre-train-facts,
-            counterfact-train-facts): the keys where other facts are read out, which an edit must leave alone.
+            counterfact-train-facts): the keys where other facts are read out, which an edit must leave alone;
+            "subjects", only each text's subject's last token, for the subject corpora (zsre-train-subjects,
+            counterfact-train-subjects): the keys of other subjects, where a subject-keyed edit writes.
         passes: edit passes per step at edit time (rledit.methods.rledit.method, step 5). Pass 1 is the update above; each further
             pass captures the step's features again on the model with the passes so far applied and adds the
             update of what is still missing, through the same solve (rank ≤ passes·N). 1 (default) is the
@@ -202,7 +204,7 @@ class RLEditHparams:
     stats_samples: int = 2000
     stats_max_length: int = 128
     stats_batch_size: int = 32
-    corpus_positions: Literal["all", "answers"] = "all"
+    corpus_positions: Literal["all", "answers", "subjects"] = "all"
     passes: int = 1
     refine: Literal["network", "gradient"] = "network"
     key_positions: Literal["answer", "answer+subject", "subject"] = "answer"
