@@ -29,7 +29,8 @@ class LocateEditHparams:
             ``.txt`` or ``.txt.gz``; ``.jsonl``/``.jsonl.gz`` with a ``corpus_column`` field), a folder saved
             with ``datasets.Dataset.save_to_disk``, or a ``datasets`` dataset name. Never the edit benchmark.
             Also ``zsre-train-questions``, ``zsre-train-facts`` and ``counterfact-train-facts`` (built from the bundled training
-            splits' "train" half), ``model-samples`` (text the model writes itself, standing for its
+            splits' "train" half), ``zsre-train-subjects`` and ``counterfact-train-subjects`` (the same half's
+            prompts and paraphrases, each knowing where its subject ends), ``model-samples`` (text the model writes itself, standing for its
             pre-training text: :mod:`rledit.methods.memit.samples`), and mixes ``a+b+...`` of any of these,
             their texts taken in turn.
         corpus_split: the split read from a ``datasets`` corpus.
