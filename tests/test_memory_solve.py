@@ -356,3 +356,32 @@ def test_context_prefixes_add_one_row_per_prefix_read_at_the_subject_after_it(to
     assert bare.method.prefixes == [""] and bare.method.edit_batch(tokenizer, requests).n_key_tokens == 3
     with pytest.raises(ValueError, match="context_lengths must hold"):
         RLEditHparams(context_lengths=[[3, 0]])
+
+
+def test_a_rank_limited_c0_keeps_its_leading_directions_and_the_editor_reports_it(tokenizer, tmp_path, monkeypatch):
+    from rledit.methods.rledit.solve import leading_part
+
+    _, _, moment = _system(d_in=6)
+    values, vectors = torch.linalg.eigh(moment)
+    part = leading_part(moment, 2)
+    assert torch.linalg.matrix_rank(part) == 2 and torch.equal(leading_part(moment, None), moment)
+    assert torch.allclose(part @ vectors[:, -2:], vectors[:, -2:] * values[-2:], atol=1e-9)  # kept as they were
+    assert torch.allclose(part @ vectors[:, :-2], torch.zeros(6, 4, dtype=moment.dtype), atol=1e-9)  # the rest gone
+    assert torch.equal(leading_part(moment, 6), moment)
+
+    monkeypatch.setenv("RLEDIT_CACHE", str(tmp_path / "cache"))
+    settings = {"corpus_init": 10.0, "corpus": "counterfact-train-subjects", "corpus_positions": "subjects",
+                "stats_samples": 40, "key_positions": "subject"}
+    full, limited = _editor(tokenizer, **settings), _editor(tokenizer, corpus_rank=3, **settings)
+    for name, moment in full.method.corpus_moments.items():
+        assert torch.allclose(limited.method.corpus_moments[name], leading_part(moment, 3))
+    assert limited.method.setup_report()["statistics"]["rank"] == 3
+    assert limited.method.setup_report()["statistics"]["n_tokens"] == 40  # one subject key per text
+    requests = load_requests("counterfact", split="train")[:2]
+    ids = torch.tensor([tokenizer(requests[0].prompt)["input_ids"]])
+    with torch.no_grad():
+        before = limited.model(input_ids=ids).logits
+        limited.apply(requests)  # the rank-limited solve edits
+        assert not torch.allclose(limited.model(input_ids=ids).logits, before)
+    with pytest.raises(ValueError, match="corpus_rank"):
+        RLEditHparams(corpus_rank=0)

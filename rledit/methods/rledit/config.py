@@ -164,6 +164,9 @@ class RLEditHparams:
             counterfact-train-facts): the keys where other facts are read out, which an edit must leave alone;
             "subjects", only each text's subject's last token, for the subject corpora (zsre-train-subjects,
             counterfact-train-subjects): the keys of other subjects, where a subject-keyed edit writes.
+        corpus_rank: keep only C_0's leading ``corpus_rank`` eigen-directions (None, the default: all of it), so
+            that α weighs what the corpus keys share (e.g. what every subject's key has in common) and leaves
+            the directions particular to one key free.
         passes: edit passes per step at edit time (rledit.methods.rledit.method, step 5). Pass 1 is the update above; each further
             pass captures the step's features again on the model with the passes so far applied and adds the
             update of what is still missing, through the same solve (rank ≤ passes·N). 1 (default) is the
@@ -205,6 +208,7 @@ class RLEditHparams:
     stats_max_length: int = 128
     stats_batch_size: int = 32
     corpus_positions: Literal["all", "answers", "subjects"] = "all"
+    corpus_rank: int | None = None
     passes: int = 1
     refine: Literal["network", "gradient"] = "network"
     key_positions: Literal["answer", "answer+subject", "subject"] = "answer"
@@ -244,6 +248,8 @@ class RLEditHparams:
         _require(self.context_top_k >= 1, f"context_top_k must be >= 1, got {self.context_top_k}")
         _require(self.corpus_positions in CORPUS_POSITIONS,
                  f"corpus_positions must be one of {CORPUS_POSITIONS}, got {self.corpus_positions!r}")
+        _require(self.corpus_rank is None or self.corpus_rank >= 1,
+                 f"corpus_rank must be >= 1 or None (all of C_0), got {self.corpus_rank}")
         for name in ("stats_samples", "stats_max_length", "stats_batch_size"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(

@@ -32,7 +32,13 @@ from rledit.methods.base import EditMethod, StepFeaturesLike, UpdateError, check
 from rledit.methods.memory import KeyMemory, split_memory_state
 from rledit.methods.rledit.config import MALMENHparams, RLEditHparams
 from rledit.methods.rledit.net import HyperNetwork
-from rledit.methods.rledit.solve import PenaltyInverses, ridge_factors, ridge_system, value_shifts
+from rledit.methods.rledit.solve import (
+    PenaltyInverses,
+    leading_part,
+    ridge_factors,
+    ridge_system,
+    value_shifts,
+)
 from rledit.methods.runtime import temporary_store
 from rledit.prefix import Prefix
 from rledit.targets import EditTarget
@@ -83,10 +89,12 @@ class RLEditMethod(EditMethod):
             stats = load_or_compute_statistics(model, tokenizer, targets, hp.corpus, hp.stats_samples,
                                                hp.stats_max_length, hp.stats_batch_size, "train", "text",
                                                positions=hp.corpus_positions)
-            self.corpus_moments = {name: m.to(device, torch.float64) for name, m in stats.second_moments.items()}
+            self.corpus_moments = {name: leading_part(m.to(device, torch.float64), hp.corpus_rank)
+                                   for name, m in stats.second_moments.items()}
             self.statistics_report["statistics"] = {
                 "file": str(stats.path), "cached": stats.cached, "n_texts": stats.n_texts, "n_tokens": stats.n_tokens,
-                "compute_seconds": round(stats.compute_seconds, 3), "positions": hp.corpus_positions}
+                "compute_seconds": round(stats.compute_seconds, 3), "positions": hp.corpus_positions,
+                "rank": hp.corpus_rank}
 
     def setup_report(self) -> dict[str, Any]:
         """Where the corpus statistics C_0 came from and the context prefixes (when the editor uses them)."""

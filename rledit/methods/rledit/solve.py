@@ -69,6 +69,17 @@ def ridge_system(penalty: torch.Tensor | None, ridge_log: torch.Tensor, d_in: in
     return ridge if penalty is None else penalty.to(torch.float64) + ridge
 
 
+def leading_part(moment: torch.Tensor, rank: int | None) -> torch.Tensor:
+    """The symmetric PSD ``moment`` keeping only its ``rank`` largest eigen-directions, Σ_{i≤rank} μ_i v_i v_iᵀ
+    (``moment`` itself when ``rank`` is None or not below its size)."""
+    if rank is None or rank >= moment.shape[0]:
+        return moment
+    values, vectors = torch.linalg.eigh(moment.to(torch.float64))
+    top_values, top_vectors = values[-rank:].clamp(min=0), vectors[:, -rank:]
+    part = (top_vectors * top_values) @ top_vectors.T
+    return ((part + part.T) / 2).to(moment.dtype)
+
+
 def factored_frobenius_sq(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """||U V||²_F without forming U V: sum((UᵀU) ⊙ (V Vᵀ)), O(r²(d_in + d_out)). Differentiable."""
     return ((u.T @ u) * (v @ v.T)).sum()
