@@ -161,3 +161,12 @@ SEVEN=(--layers 18 19 20 21 --modules down_proj --methods rledit --set method.la
   --label "rledit+subject keys, down_proj (untrained; 7 subject passes, lr 0.45, beta 1, C0 alpha 300, layers 18-21)")
 bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20 "${SEVEN[@]}"
 bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-prob@1 --out benchmarks/results/counterfact-100x20 "${SEVEN[@]}"
+
+# The same rule with its step split between layers 12-15 and 18-21 at half the lr (experiment log entry 19; chosen
+# on the 1,000-edit stream of benchmarks/results/sweeps/layers-1000/sweep-cf-seven-L12-15-18-21-lr022.md)
+SPLIT=(--layers 12 13 14 15 18 19 20 21 --modules down_proj --methods rledit --set method.lambda_init=-2.12
+  method.memory_init=1.0 method.corpus_init=300.0 method.corpus=counterfact-train-facts method.stats_samples=6000
+  method.refine=gradient method.key_positions=subject method.lr_init=0.22 method.passes=7
+  "method.pass_positions=[subject,subject,subject,subject,subject,subject]"
+  --label "rledit+subject keys, down_proj (untrained; 7 subject passes, lr 0.22, beta 1, C0 alpha 300, layers 12-15 and 18-21)")
+bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20 "${SPLIT[@]}"
