@@ -272,17 +272,23 @@ def check_subjects(requests: Sequence[EditRequest], method: str,
             )
 
 
+def subject_end(text: str, subject: str, search_from: int = 0) -> int | None:
+    """Where the first occurrence of ``subject`` in ``text`` from character ``search_from`` on ends (exact case
+    first, then ignoring case), or None when it does not occur."""
+    start = text.find(subject, search_from)
+    if start < 0:
+        start = text.lower().find(subject.lower(), search_from)
+    return None if start < 0 else start + len(subject)
+
+
 def subject_last_token(tokenizer: Any, text: str, subject: str, search_from: int = 0) -> int:
     """Index of the subject's last token among the prompt tokens of ``text`` that :func:`rledit.tokens.encode`
     uses (:func:`rledit.tokens.prompt_ids`). The first occurrence of the subject from character
     ``search_from`` on counts (exact case first); a context prefix before the prompt is skipped so."""
     text, subject = text.rstrip(), subject.strip()
-    start = text.find(subject, search_from)
-    if start < 0:
-        start = text.lower().find(subject.lower(), search_from)
-    if start < 0:
+    end = subject_end(text, subject, search_from)
+    if end is None:
         raise EditRequestError(f"subject {subject!r} does not occur in {text!r}")
-    end = start + len(subject)
     framing = chat_framing(tokenizer)  # chat framing: the template's tokens come first, the text has no BOS
     offset, framed = (len(framing.before), False) if framing is not None else (0, True)
     try:

@@ -116,8 +116,7 @@ def _fact_corpus(limit: int) -> Corpus:
     records = load_requests("counterfact", split="train")
     # a neighbourhood prompt of one record is often another record's prompt: leave out every prompt of the
     # other half (its edits and neighbourhoods), so a validation stream drawn from it is never in the statistics
-    held_out = {p.rstrip() for r in records if in_half(r, "metric")
-                for p in (r.prompt, *(item.prompt for item in r.locality))}
+    held_out = _metric_half_prompts(records, rephrases=False)
     pairs = []
     for record in records:
         if not in_half(record, "train"):
@@ -140,27 +139,34 @@ def _subject_corpus(data: str, limit: int) -> Corpus:
     in it, so a validation stream drawn from that half is not in the statistics."""
     from rledit.data import dataset_file, load_requests
     from rledit.eval.relations import in_half
+    from rledit.tokens import subject_end
 
     records = load_requests(data, split="train")
-    held_out = {p.rstrip() for r in records if in_half(r, "metric")
-                for p in (r.prompt, *r.rephrase_prompts, *(item.prompt for item in r.locality))}
+    held_out = _metric_half_prompts(records, rephrases=True)
     texts, ends = [], []
     for record in records:
         if not in_half(record, "train") or not record.subject or not record.subject.strip():
             continue
-        subject = record.subject.strip()
         for prompt in (record.prompt, *record.rephrase_prompts):
             prompt = prompt.rstrip()
-            start = prompt.find(subject)
-            if start < 0:
-                start = prompt.lower().find(subject.lower())
-            if start >= 0 and prompt not in held_out:
+            end = subject_end(prompt, record.subject.strip())
+            if end is not None and prompt not in held_out:
                 texts.append(prompt)
-                ends.append(start + len(subject))
+                ends.append(end)
     if not texts:
         raise CorpusError(f"the {data} training split holds no prompts that name their subject")
     digest = hashlib.sha256(dataset_file(data, "train").read_bytes()).hexdigest()[:12]
     return Corpus(texts[:limit], f"{data}_train_subjects-{digest}", subject_ends=ends[:limit])
+
+
+def _metric_half_prompts(records: list, rephrases: bool) -> set[str]:
+    """Every prompt of the records in the "metric" half of :mod:`rledit.eval.relations` (edit prompts, their
+    paraphrases when ``rephrases``, and their locality prompts), stripped: what a training-half corpus leaves out
+    so that a validation stream drawn from that half is never in the statistics."""
+    from rledit.eval.relations import in_half
+
+    return {p.rstrip() for r in records if in_half(r, "metric")
+            for p in (r.prompt, *(r.rephrase_prompts if rephrases else ()), *(item.prompt for item in r.locality))}
 
 
 def _file_corpus(path: Path, limit: int, column: str) -> Corpus:
