@@ -9,14 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-def check_context_lengths(lengths: list[list[int]]) -> None:
-    """Raise ValueError unless ``lengths`` holds ``[tokens, count]`` pairs of positive integers (the context
-    prefixes' setting of MEMIT, AlphaEdit and RLEdit; ``[]``: the bare prompt only)."""
-    for pair in lengths:
-        if len(pair) != 2 or min(pair) < 1:
-            raise ValueError(f"context_lengths must hold [tokens, count] pairs of positive integers (e.g. "
-                             f"[[10, 5]]; [] for the bare prompt only), got {lengths}")
+from rledit.methods.memit.contexts import check_context_lengths
 
 
 @dataclass

@@ -28,6 +28,15 @@ CONTEXTS_FORMAT = "rledit-context-prefixes-v1"
 CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You")
 
 
+def check_context_lengths(lengths: list[list[int]]) -> None:
+    """Raise ValueError unless ``lengths`` holds ``[tokens, count]`` pairs of positive integers (the context
+    prefixes' setting of MEMIT, AlphaEdit and RLEdit; ``[]``: the bare prompt only)."""
+    for pair in lengths:
+        if len(pair) != 2 or min(pair) < 1:
+            raise ValueError(f"context_lengths must hold [tokens, count] pairs of positive integers (e.g. "
+                             f"[[10, 5]]; [] for the bare prompt only), got {lengths}")
+
+
 def context_prefixes(model: nn.Module, tokenizer: Any, lengths: Sequence[Sequence[int]], seed: int,
                      top_k: int) -> list[str]:
     """``[""]`` (the bare prompt) followed, for each ``[tokens, count]`` of ``lengths``, by ``count`` texts of

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from rledit.methods.memit.config import check_context_lengths
+from rledit.methods.memit.contexts import check_context_lengths
 
 NORMALIZER_MODES = ("frozen", "lifelong")
 LOC_REFERENCES = ("previous", "unedited")
