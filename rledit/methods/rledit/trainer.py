@@ -224,6 +224,8 @@ class RLEditTrainer:
                 lane.history.append(self._tokenise(steps[w], lane))
             self._lockstep([(lane, lane.history[-1], (), ()) for lane in lanes], learn=False)
         totals: dict[str, float] = {}
+        steps_bar = tqdm(total=hp.steps_per_episode, desc=f"episode {self.episode + 1}", unit="step", leave=False,
+                         disable=not (self.progress and self.main))
         for t in range(hp.steps_per_episode):
             work = []
             for lane, steps in zip(lanes, plans):
@@ -238,6 +240,8 @@ class RLEditTrainer:
             self.global_step += 1
             if self.global_step % hp.update_every == 0:
                 self._optimiser_step()
+            steps_bar.update()
+        steps_bar.close()
         for lane in lanes:
             lane.history = []
             if len(lanes) > 1:  # the lanes' edits are done with: free them before validation
