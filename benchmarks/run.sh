@@ -123,6 +123,9 @@ bench "${ABL[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-pass
 FAITHFUL=(--data zsre --steps 10 --batch 20 --eval-every 5 --protocols zsre-token-acc@1 --out benchmarks/results/zsre-10x20-faithful)
 bench "${FAITHFUL[@]}" --methods alphaedit --layers 18 19 20 21
 bench "${FAITHFUL[@]}" --methods memit --layers 18 19 20 21
+# ... and AlphaEdit with the prefixes but the published absolute threshold, to tell the two apart
+bench "${FAITHFUL[@]}" --methods alphaedit --layers 18 19 20 21 --set method.nullspace_rule=absolute \
+  method.nullspace_threshold=0.02 --label "alphaedit (context prefixes, absolute threshold 2e-2)"
 
 # C_0 over the answer positions of its questions only (experiment log entry 10; chosen on
 # benchmarks/results/sweeps/positions/sweep-c0-answers.md): zsre-retuned-passes with corpus_positions answers, alpha x 0.3
