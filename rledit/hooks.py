@@ -60,6 +60,15 @@ def answer_token_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
+def per_row_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Mean answer-token cross-entropy of each row (B,), from :func:`rledit.tokens.answer_logits` output."""
+    mask = batch.answer_mask.to(logits.device)
+    token_nll = F.cross_entropy(logits.float(), batch.labels.to(logits.device)[mask], reduction="none")
+    row_of_token = mask.nonzero()[:, 0]
+    totals = torch.zeros(mask.shape[0], device=logits.device).index_add(0, row_of_token, token_nll)
+    return totals / mask.sum(1).clamp(min=1)
+
+
 def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: TokenBatch) -> StepFeatures:
     """One forward+backward of ``model`` on ``batch``; keys and value-gradients at ``targets``, at the batch's
     key positions (the answer tokens, and the subjects' last tokens where marked).

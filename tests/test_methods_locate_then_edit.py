@@ -17,7 +17,7 @@ from test_methods_editor import (
     peaked_tiny_llama,
     peaked_tiny_model,
 )
-from tiny import tiny_model
+from tiny import tiny_model, tiny_tokenizer
 
 from rledit.editor import Editor
 from rledit.methods.alphaedit import AlphaEditHparams, AlphaEditMethod, nullspace_projection
@@ -30,7 +30,7 @@ from rledit.methods.memit import (
     load_corpus,
     load_or_compute_statistics,
 )
-from rledit.methods.memit.contexts import context_prefixes
+from rledit.methods.memit.contexts import context_prefixes, sample_text
 from rledit.methods.memit.stats import KeyStatistics, corpus_texts
 from rledit.targets import find_blocks, resolve_targets
 from rledit.types import EditRequest
@@ -352,6 +352,20 @@ def test_context_prefixes_are_sampled_once_per_model_and_setting_and_cached(toke
     assert context_prefixes(model, tokenizer, [[4, 3], [2, 2]], seed=1, top_k=5) != prefixes
     assert context_prefixes(model, tokenizer, [], seed=0, top_k=5) == [""]
     assert len(sorted(cached[0].parent.glob("prefixes_*.json"))) == 2
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["no-framing", "bos"])
+def test_prefixes_are_sampled_as_a_new_document(bos):
+    """A tokenizer that frames text with nothing gets the end-of-text token first, as between pre-training
+    documents; one that adds a BOS keeps its own framing and nothing more."""
+    tokenizer = tiny_tokenizer(bos=bos)
+    model, seen = tiny_model("llama"), []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()),
+                                    with_kwargs=True)
+    sample_text(model, tokenizer, "The", 3, top_k=5, generator=torch.Generator().manual_seed(0))
+    start = tokenizer("The", add_special_tokens=False)["input_ids"]
+    first = [tokenizer.bos_token_id] if bos else [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    assert seen[0] == first + start
 
 
 def test_edit_rows_read_the_subject_after_every_prefix(tokenizer):

@@ -1,6 +1,8 @@
 """RL training over edit sequences on a tiny model: the loss goes down, logs and checkpoints, exact resume."""
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -9,8 +11,10 @@ from tiny import tiny_model
 from rledit.checkpoints import CheckpointError, read_checkpoint
 from rledit.data import load_requests
 from rledit.editor import Editor
+from rledit.eval.forced import predict_answers
 from rledit.methods.rledit.config import RLEditHparams, TrainHparams
 from rledit.methods.rledit.trainer import RLEditTrainer
+from rledit.tokens import answer_logits
 
 
 def _trainer(tokenizer, out, episodes, init_from=None, layers=(2, 3), memory_init=0.0, **train):
@@ -149,3 +153,31 @@ def test_scalar_meta_lr_zero_holds_the_scalars_and_trains_the_network(tokenizer,
     assert any(not torch.equal(net.nets.state_dict()[k], v) for k, v in weights.items())
     with pytest.raises(ValueError, match="scalar_meta_lr must be >= 0"):
         TrainHparams(scalar_meta_lr=-1.0)
+
+
+def test_the_margin_objective_scores_new_over_old_as_the_protocol_does(tokenizer, tmp_path):
+    """``gen_objective: margin``: per rephrase/edit prompt, max(0, m - (mean log p(new) - mean log p(old))), the
+    log-probabilities the cf-prob protocol compares; data without old targets is refused."""
+    torch.manual_seed(0)
+    hparams = RLEditHparams(rank=16, lr_init=30.0, train=TrainHparams(
+        episodes=2, steps_per_episode=2, batch=2, back_depth=2, loc_reference="unedited", train_data="counterfact",
+        gen_objective="margin", gen_margin=0.05))
+    editor = Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, hparams=hparams, layers=[2, 3])
+    requests = load_requests("counterfact", "train", limit=4)
+    with pytest.raises(ValueError, match="no ground_truth"):
+        RLEditTrainer(editor, [dataclasses.replace(r, ground_truth=None) for r in requests], tmp_path / "none")
+    trainer = RLEditTrainer(editor, requests, tmp_path / "cf", progress=False)
+    step = trainer._tokenise(requests[:2])
+    prompts = [p for r in requests[:2] for p in r.rephrase_prompts] + [r.prompt for r in requests[:2]]
+    olds = [r.ground_truth for r in requests[:2] for _ in r.rephrase_prompts] + [r.ground_truth for r in requests[:2]]
+    news = [r.target_new for r in requests[:2] for _ in r.rephrase_prompts] + [r.target_new for r in requests[:2]]
+    predicted = predict_answers(editor.model, tokenizer, list(zip(prompts, news)) + list(zip(prompts, olds)))
+    wins = torch.tensor([predicted[(p, new)].mean_log_prob - predicted[(p, old)].mean_log_prob
+                         for p, new, old in zip(prompts, news, olds)])
+    assert 0 < int((wins < 0.05).sum()) < len(wins)  # some prompts inside the margin, some past it
+    with torch.no_grad(), trainer._upper_layers_only():
+        term = trainer._gen_term(answer_logits(editor.model, step.gen), step)
+    assert torch.allclose(term, torch.relu(0.05 - wins).mean(), atol=1e-4)
+    trainer.train()
+    assert [r["kind"] for r in _log(tmp_path / "cf")] == ["episode", "episode"]
+    assert all(math.isfinite(r["loss"]) for r in _log(tmp_path / "cf"))

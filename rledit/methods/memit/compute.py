@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rledit.hooks import per_row_target_nll
 from rledit.methods.memit.config import LocateEditHparams
 from rledit.methods.runtime import frozen_model
 from rledit.tokens import TokenBatch, answer_logits, encode_after_prefixes, subject_positions, subject_tokens
@@ -57,15 +58,6 @@ def last_token_log_probs(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                 position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=1)
     return F.log_softmax(out.logits[:, -1].float(), dim=-1)
-
-
-def per_row_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """Mean answer-token cross-entropy of each row (B,), from :func:`rledit.tokens.answer_logits` output."""
-    mask = batch.answer_mask.to(logits.device)
-    token_nll = F.cross_entropy(logits.float(), batch.labels.to(logits.device)[mask], reduction="none")
-    row_of_token = mask.nonzero()[:, 0]
-    totals = torch.zeros(mask.shape[0], device=logits.device).index_add(0, row_of_token, token_nll)
-    return totals / mask.sum(1).clamp(min=1)
 
 
 @contextmanager

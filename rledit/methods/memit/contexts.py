@@ -6,6 +6,11 @@ the bare prompt and the prompt after every prefix, and its residual shift is opt
 follows each of them (:mod:`rledit.methods.memit.method`). The prefixes are sampled from the model (top-k,
 from the starts "The", "Therefore", "Because", "I", "You" in turn, a fixed seed) once per model and setting,
 and cached as JSON in ``<cache>/contexts/`` (:func:`rledit.models.cache_root`).
+
+Sampling starts where a document starts: after the BOS token a tokenizer puts before every text, or, for a
+tokenizer that frames text with nothing (GPT-2's, SmolLM2's), after the end-of-text token that separates its
+pre-training documents. Without it SmolLM2-135M continues a lone "The" with "-" and writes no sentence
+("The-1998-200."); after "<|endoftext|>" it writes "The key is to create a narrative that not only".
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from rledit.methods.runtime import frozen_model
 from rledit.models import cache_root
 from rledit.tokens import text_ids
 
-CONTEXTS_FORMAT = "rledit-context-prefixes-v1"
+CONTEXTS_FORMAT = "rledit-context-prefixes-v2"  # v2: sampled after the document start
 CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You")
 
 
@@ -68,12 +73,25 @@ def sample_text(model: nn.Module, tokenizer: Any, start: str, tokens: int, top_k
     device = next(model.parameters()).device
     ids = text_ids(tokenizer, start)
     first = len(ids) - len(text_ids(tokenizer, start, add_special_tokens=False))  # BOS etc. are not counted
+    separator = document_separator(tokenizer)
+    if first == 0 and separator is not None:  # no framing: start the text as a new document
+        ids, first = [separator, *ids], 1
+    stops = {tokenizer.eos_token_id, separator} - {None}
     with frozen_model(model):
         while len(ids) - first < tokens:
             logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, -1]
             top = torch.topk(logits.float().cpu(), min(top_k, logits.shape[-1]))
             choice = int(top.indices[torch.multinomial(top.values.softmax(-1), 1, generator=generator)])
-            if choice == tokenizer.eos_token_id:
+            if choice in stops:
                 break
             ids.append(choice)
     return tokenizer.decode(ids[first:], skip_special_tokens=True)
+
+
+def document_separator(tokenizer: Any) -> int | None:
+    """The token between pre-training documents: "<|endoftext|>" where the vocabulary has it (GPT-2, SmolLM2,
+    Qwen), otherwise the end-of-sequence token (None when there is neither)."""
+    separator = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if isinstance(separator, int) and separator != tokenizer.unk_token_id:
+        return separator
+    return tokenizer.eos_token_id

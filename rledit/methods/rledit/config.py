@@ -17,6 +17,7 @@ from rledit.methods.memit.contexts import check_context_lengths
 NORMALIZER_MODES = ("frozen", "lifelong")
 LOC_REFERENCES = ("previous", "unedited")
 BACKTRACKING = ("window", "sampled")
+GEN_OBJECTIVES = ("ce", "margin")
 KEY_POSITIONS = ("answer", "answer+subject", "subject")
 CORPUS_POSITIONS = ("all", "answers", "subjects")
 REFINE = ("network", "gradient")
@@ -65,6 +66,11 @@ class TrainHparams:
         relation_locality: add to each step's locality prompts, per zsRE request, a training record of the same
             question template about another subject (from the "train" half of :mod:`rledit.eval.relations`; the
             protocol scores the other half), so the editor learns not to spill onto same-relation prompts.
+        gen_objective: what the generalization term asks of each rephrase (and edit) prompt: "ce", the new
+            target's cross-entropy (as published), or "margin", the hinge max(0, m - (log p(new) - log p(old)))
+            on the mean per-token log-probabilities of the new and the old target (CounterFact's requests carry
+            the old one as ``ground_truth``): an edit that already wins by ``gen_margin`` is not pushed further.
+        gen_margin: m, the margin (nats per token) of the "margin" objective.
         diverge_factor: stop training when an episode's mean loss is non-finite or above this multiple of the
             first episode's (0: never stop).
         distinct_episodes: under several processes (data-parallel training, ``accelerate launch``), each process
@@ -101,6 +107,8 @@ class TrainHparams:
     validate_every: int = 1
     validation_batch: int = 20
     relation_locality: bool = False
+    gen_objective: Literal["ce", "margin"] = "ce"
+    gen_margin: float = 1.0
     diverge_factor: float = 0.0
     distinct_episodes: bool = True
     episodes_per_step: int = 1
@@ -119,7 +127,9 @@ class TrainHparams:
                  f"({self.validation_batch})")
         _require(self.backtracking in BACKTRACKING,
                  f"train.backtracking must be one of {BACKTRACKING}, got {self.backtracking!r}")
-        for name in ("loc_coef", "reg_coef", "past_weight", "diverge_factor"):
+        _require(self.gen_objective in GEN_OBJECTIVES,
+                 f"train.gen_objective must be one of {GEN_OBJECTIVES}, got {self.gen_objective!r}")
+        for name in ("loc_coef", "reg_coef", "past_weight", "diverge_factor", "gen_margin"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("meta_lr", "grad_clip"):
             _require(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")

@@ -11,7 +11,8 @@ steps of ``batch`` requests from the training split. At step t:
 
        L_t = Σ_{j<min(t,H)} γ^j [ CE_gen(B_{t-j}; W(t)) + α KL_loc(B_{t-j}; W_ref, W(t)) ] + μ Σ_m ||ΔW_m||²_F
 
-   CE_gen: target cross-entropy on the rephrase (and edit) prompts; KL_loc: KL(p_ref || p_W(t)) on the
+   CE_gen: target cross-entropy on the rephrase (and edit) prompts (or, with ``gen_objective: margin``, the
+   hinge max(0, m - (log p(new) - log p(old))) per prompt, so that edits already won are not pushed); KL_loc: KL(p_ref || p_W(t)) on the
    locality prompts' answer positions, W_ref = W(t-1) ("previous") or W(0) ("unedited").
 4. backward into the network, λ and the step sizes; an optimiser step every ``update_every`` steps
 5. the action is applied for good (detached): W(t) = W(t-1) + ΔW_t, and the method is told (its key memory,
@@ -55,7 +56,7 @@ from rledit.deltas import StoredSteps
 from rledit.eval.protocols import as_question
 from rledit.eval.relations import same_relation_pair
 from rledit.files import atomic_file, write_text_atomically
-from rledit.hooks import answer_token_loss, capture_features
+from rledit.hooks import answer_token_loss, capture_features, per_row_target_nll
 from rledit.methods.memory import KeyMemory, split_memory_state
 from rledit.methods.rledit.method import RLEditMethod
 from rledit.methods.rledit.net import shared_statistics
@@ -78,6 +79,7 @@ class WindowStep:
     gen: TokenBatch  # rephrase (+ edit) prompts → target_new
     loc: TokenBatch  # locality prompts → their answers
     loc_ref: torch.Tensor | None = None  # reference log-probs at loc answer positions ("unedited" mode)
+    gen_old: TokenBatch | None = None  # the gen prompts → the old target (``gen_objective: margin``)
     passes: list[TokenBatch] = field(default_factory=list)  # the edit batch of each later pass (method.passes > 1)
 
 
@@ -121,6 +123,9 @@ class RLEditTrainer:
         self.hp = self.method.hparams.train
         need = (self.hp.steps_per_episode + self.hp.warm_start_max) * self.hp.batch
         usable = [r for r in requests if r.rephrase_prompts and r.locality]
+        if self.hp.gen_objective == "margin" and any(r.ground_truth is None for r in usable):
+            raise ValueError("train.gen_objective 'margin' compares the new target with the old one, and some "
+                             "training requests have no ground_truth (the old target); use 'ce' for this data")
         held_out = self.hp.validation_size
         if len(usable) < need + held_out:
             raise ValueError(
@@ -346,13 +351,21 @@ class RLEditTrainer:
         edit_acc = 0.0
         for j, (past, weight, ref) in enumerate(zip(steps, weights, references)):
             logits = answer_logits(model, past.gen)
-            gen_loss = gen_loss + weight * answer_token_loss(logits, past.gen)
+            gen_loss = gen_loss + weight * self._gen_term(logits, past)
             if j == 0:
                 labels = past.gen.labels[past.gen.answer_mask]
                 edit_acc = float((logits.argmax(-1) == labels).float().mean())
             log_probs = answer_log_probs(model, past.loc)
             loc_loss = loc_loss + weight * locality_kl(ref, log_probs)
         return gen_loss, loc_loss, edit_acc
+
+    def _gen_term(self, logits: torch.Tensor, step: WindowStep) -> torch.Tensor:
+        """The generalization term of one step, given the model's logits at ``step.gen``'s answer positions."""
+        if step.gen_old is None:
+            return answer_token_loss(logits, step.gen)
+        old_nll = per_row_target_nll(answer_logits(self.editor.model, step.gen_old), step.gen_old)
+        win = old_nll - per_row_target_nll(logits, step.gen)  # mean log p(new) - mean log p(old), per prompt
+        return F.relu(self.hp.gen_margin - win).mean()
 
     @torch.no_grad()
     def _references(self, window: Sequence[WindowStep]) -> list[torch.Tensor]:
@@ -432,6 +445,10 @@ class RLEditTrainer:
             loc += [pair for pair in pairs if pair is not None and pair[0] not in episode_prompts]
         # left padding: answers end every row, so answer_logits projects few positions
         plain = self.method.plain_batch(tok, requests)
+        if self.hp.gen_objective == "margin":
+            olds = [r.ground_truth for r in requests for _ in r.rephrase_prompts]
+            olds += [r.ground_truth for r in requests] if self.hp.use_edit_prompt_loss else []
+            gen_old = encode(tok, gen_prompts, olds, padding_side="left")
         batches = [self.method.marked(tok, requests, plain),
                    encode(tok, gen_prompts, gen_targets, padding_side="left"),
                    encode(tok, [prompt for prompt, _ in loc], [answer for _, answer in loc], padding_side="left"),
@@ -439,6 +456,8 @@ class RLEditTrainer:
         if self.prefix is not None:
             batches = [self.prefix.attach(batch) for batch in batches]
         step = WindowStep(*batches[:3], passes=batches[3:])
+        if self.hp.gen_objective == "margin":
+            step.gen_old = self.prefix.attach(gen_old) if self.prefix is not None else gen_old
         if self.hp.loc_reference == "unedited":
             with torch.no_grad(), self.editor.store.bypassed(), self._upper_layers_only():
                 step.loc_ref = answer_log_probs(self.editor.model, step.loc)
