@@ -12,8 +12,9 @@ steps of ``batch`` requests from the training split. At step t:
        L_t = Σ_{j<min(t,H)} γ^j [ CE_gen(B_{t-j}; W(t)) + α KL_loc(B_{t-j}; W_ref, W(t)) ] + μ Σ_m ||ΔW_m||²_F
 
    CE_gen: target cross-entropy on the rephrase (and edit) prompts (or, with ``gen_objective: margin``, the
-   hinge max(0, m - (log p(new) - log p(old))) per prompt, so that edits already won are not pushed); KL_loc: KL(p_ref || p_W(t)) on the
-   locality prompts' answer positions, W_ref = W(t-1) ("previous") or W(0) ("unedited").
+   hinge max(0, m - (log p(new) - log p(old))) per prompt, so that edits already won are not pushed);
+   KL_loc: KL(p_ref || p_W(t)) on the locality prompts' answer positions, W_ref = W(t-1) ("previous") or W(0)
+   ("unedited").
 4. backward into the network, λ and the step sizes; an optimiser step every ``update_every`` steps
 5. the action is applied for good (detached): W(t) = W(t-1) + ΔW_t, and the method is told (its key memory,
    when the solve uses one, takes the step's keys).
@@ -432,11 +433,10 @@ class RLEditTrainer:
 
     def _tokenise(self, requests: list[EditRequest], lane: Lane | None = None) -> WindowStep:
         tok = self.editor.tokenizer
-        gen_prompts = [p for r in requests for p in r.rephrase_prompts]
-        gen_targets = [r.target_new for r in requests for _ in r.rephrase_prompts]
+        gen = [(p, r) for r in requests for p in r.rephrase_prompts]  # (prompt, its request)
         if self.hp.use_edit_prompt_loss:
-            gen_prompts += [r.prompt for r in requests]
-            gen_targets += [r.target_new for r in requests]
+            gen += [(r.prompt, r) for r in requests]
+        gen_prompts = [p for p, _ in gen]
         loc = [(as_question(pa.prompt) if pa.kind == "nq" else pa.prompt, pa.answer)
                for r in requests for pa in r.locality[:1]]  # NQ questions as zsre-token-acc@2 asks them
         if self.hp.relation_locality:  # not a record this episode edits: its answer is meant to change
@@ -445,19 +445,17 @@ class RLEditTrainer:
             loc += [pair for pair in pairs if pair is not None and pair[0] not in episode_prompts]
         # left padding: answers end every row, so answer_logits projects few positions
         plain = self.method.plain_batch(tok, requests)
-        if self.hp.gen_objective == "margin":
-            olds = [r.ground_truth for r in requests for _ in r.rephrase_prompts]
-            olds += [r.ground_truth for r in requests] if self.hp.use_edit_prompt_loss else []
-            gen_old = encode(tok, gen_prompts, olds, padding_side="left")
+        margin = self.hp.gen_objective == "margin"
+        gen_old = [encode(tok, gen_prompts, [r.ground_truth for _, r in gen], padding_side="left")] if margin else []
         batches = [self.method.marked(tok, requests, plain),
-                   encode(tok, gen_prompts, gen_targets, padding_side="left"),
+                   encode(tok, gen_prompts, [r.target_new for _, r in gen], padding_side="left"),
                    encode(tok, [prompt for prompt, _ in loc], [answer for _, answer in loc], padding_side="left"),
+                   *gen_old,
                    *self.method.pass_batches(tok, requests, plain)]  # the later passes of an edit, as at edit time
         if self.prefix is not None:
             batches = [self.prefix.attach(batch) for batch in batches]
-        step = WindowStep(*batches[:3], passes=batches[3:])
-        if self.hp.gen_objective == "margin":
-            step.gen_old = self.prefix.attach(gen_old) if self.prefix is not None else gen_old
+        rest = batches[3:]
+        step = WindowStep(*batches[:3], gen_old=rest.pop(0) if margin else None, passes=rest)
         if self.hp.loc_reference == "unedited":
             with torch.no_grad(), self.editor.store.bypassed(), self._upper_layers_only():
                 step.loc_ref = answer_log_probs(self.editor.model, step.loc)
