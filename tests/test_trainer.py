@@ -155,6 +155,20 @@ def test_scalar_meta_lr_zero_holds_the_scalars_and_trains_the_network(tokenizer,
         TrainHparams(scalar_meta_lr=-1.0)
 
 
+def test_meta_lr_zero_holds_the_network_and_trains_the_scalars(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path, episodes=1, memory_init=1.0, meta_lr=0.0)
+    net = trainer.method.hypernet
+    scalars = {k: v.detach().clone() for k, v in net.state_dict().items() if k.endswith("_log") or k == "log_lr"}
+    weights = {k: v.detach().clone() for k, v in net.nets.state_dict().items()}
+    trainer.train()
+    assert weights and all(torch.equal(net.nets.state_dict()[k], v) for k, v in weights.items())
+    assert all(p.grad is None for p in net.nets.parameters())  # held: not even a gradient is computed
+    assert not torch.equal(net.state_dict()["log_lr"], scalars["log_lr"])
+    assert not torch.equal(net.state_dict()["memory_log"], scalars["memory_log"])
+    with pytest.raises(ValueError, match="nothing would be trained"):
+        TrainHparams(meta_lr=0.0, scalar_meta_lr=0.0)
+
+
 def test_the_margin_objective_scores_new_over_old_as_the_protocol_does(tokenizer, tmp_path):
     """``gen_objective: margin``: per rephrase/edit prompt, max(0, m - (mean log p(new) - mean log p(old))), the
     log-probabilities the cf-prob protocol compares; data without old targets is refused."""

@@ -38,7 +38,8 @@ class TrainHparams:
         loc_reference: the locality KL's reference model: the weights before this step ("previous", as
             published) or the unedited model ("unedited").
         update_every: take an optimiser step every this many edit steps (1 = every step).
-        meta_lr: Adam learning rate of the network weights (A, B, biases, scale/shift embeddings).
+        meta_lr: Adam learning rate of the network weights (A, B, biases, scale/shift embeddings); 0 holds the
+            network where it starts (e.g. the identity of an untrained editor), so that only the scalars learn.
         scalar_meta_lr: Adam learning rate of the per-module log step sizes, ridge λ and the solve's β, α, which
             live on a log scale and need larger steps than the network weights; 0 holds them where they start
             (e.g. scalars chosen on a validation stream, with only the network trained).
@@ -131,10 +132,11 @@ class TrainHparams:
                  f"train.gen_objective must be one of {GEN_OBJECTIVES}, got {self.gen_objective!r}")
         for name in ("loc_coef", "reg_coef", "past_weight", "diverge_factor", "gen_margin"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("meta_lr", "grad_clip"):
-            _require(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
-        _require(self.scalar_meta_lr >= 0, f"train.scalar_meta_lr must be >= 0 (0: the scalars held), got "
-                                           f"{self.scalar_meta_lr}")
+        _require(self.grad_clip > 0, f"train.grad_clip must be > 0, got {self.grad_clip}")
+        for name, held in (("meta_lr", "the network"), ("scalar_meta_lr", "the scalars")):
+            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0 (0: {held} held), got {getattr(self, name)}")
+        _require(self.meta_lr > 0 or self.scalar_meta_lr > 0,
+                 "train.meta_lr and train.scalar_meta_lr are both 0: nothing would be trained")
         _require(
             self.loc_reference in LOC_REFERENCES,
             f"train.loc_reference must be one of {LOC_REFERENCES}, got {self.loc_reference!r}",

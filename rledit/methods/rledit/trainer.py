@@ -157,8 +157,11 @@ class RLEditTrainer:
         self.editor.model.eval()
         for p in self.editor.model.parameters():
             p.requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.method.hypernet.parameter_groups(self.hp.meta_lr,
-                                                                                self.hp.scalar_meta_lr))
+        groups = self.method.hypernet.parameter_groups(self.hp.meta_lr, self.hp.scalar_meta_lr)
+        for group in groups:  # a group at learning rate 0 is held: no gradient is computed for it
+            for p in group["params"]:
+                p.requires_grad_(group["lr"] > 0)
+        self.optimizer = torch.optim.Adam([group for group in groups if group["lr"] > 0])
         # under several processes (data-parallel training) each draws its own episodes: rank 0 the
         # single-process ones, rank r > 0 from the seed "<seed>-rank<r>" (train.distinct_episodes: False gives every
         # process rank 0's); gradients and normaliser statistics are shared, so all keep the same editor
