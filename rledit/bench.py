@@ -13,13 +13,10 @@ the machine's speed and load.
 from __future__ import annotations
 
 import resource
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +28,7 @@ from rledit.editor import Editor, method_hparams_dict
 from rledit.eval import LifelongResult, run_lifelong
 from rledit.eval.general import TASKS as GENERAL_TASKS
 from rledit.eval.general import general_probe
-from rledit.files import file_sha256
+from rledit.files import command_line, file_sha256
 from rledit.methods import get_method
 from rledit.targets import architecture_of
 from rledit.tokens import answer_logits, context_length, encode
@@ -214,8 +211,7 @@ def _results(spec, editor, model_name, stream, result, setup, floors, total) -> 
         "threads": torch.get_num_threads(),
         "started_at": result.started_at,
         "finished_at": result.finished_at,
-        "command": shlex.join(["rledit", *sys.argv[1:]]) if Path(sys.argv[0]).name == "rledit"
-        else shlex.join(sys.argv),
+        "command": command_line(),
         "protocol_note": ("floor_step_median: one forward+backward with gradients for every weight on the same "
                           "step's prompt+target rows, measured right before that step"),
     }

@@ -15,7 +15,9 @@ import glob
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -298,3 +300,11 @@ def read_safetensors(path: str | os.PathLike, sha256: str | None = None) -> dict
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types (SafetensorError, ...) for garbled files
         raise FileFormatError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def command_line() -> str:
+    """The command this process was started with, as a shell line to record in what it writes (``rledit ...``
+    for the console script, whatever folder it was installed in; the interpreter's argv otherwise)."""
+    if Path(sys.argv[0]).name == "rledit":
+        return shlex.join(["rledit", *sys.argv[1:]])
+    return shlex.join(sys.argv)

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import math
+import shlex
+import sys
 
 import pytest
 import torch
@@ -51,6 +53,10 @@ def test_resume_continues_exactly(tokenizer, tmp_path, settings):
     resumed.train(resume=True)
     a, b = straight.method.state_dict(), resumed.method.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    runs = [r for r in _log(tmp_path / "split") if r["kind"] == "run"]  # each start says how it was made
+    assert [(r["resume"], r["from_episode"]) for r in runs] == [(False, 0), (True, 2)]
+    assert all(r["command"] == shlex.join(sys.argv) and r["torch"] == torch.__version__ for r in runs)
+    assert read_checkpoint(tmp_path / "split" / "editor").extra["command"] == shlex.join(sys.argv)
 
 
 def test_training_can_start_from_a_trained_editor(tokenizer, tmp_path):
@@ -110,7 +116,7 @@ def test_training_stops_when_the_loss_diverges(tokenizer, tmp_path):
     trainer = _trainer(tokenizer, tmp_path, episodes=5, diverge_factor=1e-9)  # any loss after the first "diverges"
     trainer.train()
     log = _log(tmp_path)
-    assert [r["kind"] for r in log] == ["episode", "episode", "stopped"]
+    assert [r["kind"] for r in log] == ["run", "episode", "episode", "stopped"]
     assert (tmp_path / "editor").is_dir() and trainer.episode == 2
 
 
@@ -193,5 +199,5 @@ def test_the_margin_objective_scores_new_over_old_as_the_protocol_does(tokenizer
         term = trainer._gen_term(answer_logits(editor.model, step.gen), step)
     assert torch.allclose(term, torch.relu(0.05 - wins).mean(), atol=1e-4)
     trainer.train()
-    assert [r["kind"] for r in _log(tmp_path / "cf")] == ["episode", "episode"]
-    assert all(math.isfinite(r["loss"]) for r in _log(tmp_path / "cf"))
+    assert [r["kind"] for r in _log(tmp_path / "cf")] == ["run", "episode", "episode"]
+    assert all(math.isfinite(r["loss"]) for r in _log(tmp_path / "cf") if r["kind"] == "episode")

@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -22,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import rledit
-from rledit.files import write_text_atomically
+from rledit.files import command_line, write_text_atomically
 
 Metrics = dict[str, dict[str, float]]  # protocol id -> metric -> percent
 Counts = dict[str, dict[str, int]]  # protocol id -> metric -> number of examples behind it
@@ -137,7 +135,7 @@ def summary_dict(result: EvalResult | LifelongResult, meta: Mapping[str, Any] | 
         "data": meta.pop("data", None),
         "seed": meta.pop("seed", None),
         "rledit_version": rledit.__version__,
-        "command": shlex.join(sys.argv),
+        "command": command_line(),
         "started_at": result.started_at,
         "finished_at": result.finished_at,
         "n_examples": result.n_examples,

@@ -44,6 +44,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import rledit
 from rledit import distributed
 from rledit.checkpoints import read_checkpoint
 from rledit.deltas import StoredSteps
 from rledit.eval.protocols import as_question
 from rledit.eval.relations import same_relation_pair
-from rledit.files import atomic_file, write_text_atomically
+from rledit.files import atomic_file, command_line, write_text_atomically
 from rledit.hooks import answer_token_loss, capture_features, per_row_target_nll
 from rledit.methods.memory import KeyMemory, split_memory_state
 from rledit.methods.rledit.method import RLEditMethod
@@ -181,6 +183,9 @@ class RLEditTrainer:
         distributed.barrier()
         if resume:
             self._load_state()
+        self._log({"kind": "run", "command": command_line(), "resume": resume, "from_episode": self.episode,
+                   "rledit": rledit.__version__, "torch": torch.__version__, "processes": self.processes,
+                   "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         torch.manual_seed(self.hp.seed + self.episode)
         bar = tqdm(total=self.hp.episodes, initial=self.episode, desc="episodes",
                    disable=not (self.progress and self.main))
@@ -527,7 +532,8 @@ class RLEditTrainer:
         return {"episodes": self.episode, "processes": self.processes,  # episodes per process
                 "optimizer_steps": self.global_step // self.hp.update_every,
                 "train": asdict(self.hp), "hparams_file": self.hparams_source, "n_train_requests": len(self.requests),
-                "n_validation_requests": len(self.validation), "init_from": self.init_from}
+                "n_validation_requests": len(self.validation), "init_from": self.init_from,
+                "command": command_line()}
 
     def _save_state(self) -> None:
         """Checkpoint network, optimiser, data order and RNG so that ``resume`` continues exactly (atomic)."""
