@@ -71,7 +71,8 @@ def efficacy_by_age(records: list, batch: int, steps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=None, help="trained editor (default: the untrained rledit editor)")
+    parser.add_argument("--checkpoint", default=None, help="trained editor (default: the untrained --method editor)")
+    parser.add_argument("--method", default="rledit", help="the method without --checkpoint (e.g. alphaedit)")
     parser.add_argument("--setting", action="append", required=True, help="JSON hparams overrides, repeatable")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=20)
@@ -92,10 +93,14 @@ def main() -> None:
     for setting in args.setting:
         overrides = json.loads(setting)
         scale = overrides.pop("scale", {})
-        editor = Editor.from_pretrained(loaded.model, tokenizer=loaded.tokenizer, checkpoint=args.checkpoint,
-                                        hparams=overrides or None, layers=args.layers,
+        editor = Editor.from_pretrained(loaded.model, method=args.method, tokenizer=loaded.tokenizer,
+                                        checkpoint=args.checkpoint, hparams=overrides or None, layers=args.layers,
                                         modules=args.modules)
-        scale_scalars(editor.method.hypernet, scale)
+        if scale:
+            if getattr(editor.method, "hypernet", None) is None:
+                raise SystemExit(f"a setting's scale multiplies an RLEdit-family editor's scalars; "
+                                 f"{editor.method.name} has none")
+            scale_scalars(editor.method.hypernet, scale)
         if scale:
             overrides["scale"] = scale
         if references is None:
@@ -111,12 +116,13 @@ def main() -> None:
                      **efficacy_by_age(result.records, args.batch, args.steps)})
         print(rows[-1], flush=True)
         summary = {"format": "rledit-validation-sweep@1", "command": shlex.join(sys.argv), "protocol": protocol, "data_source": args.data,
-                   "checkpoint": args.checkpoint, "layers": args.layers, "modules": args.modules, "steps": args.steps, "batch": args.batch,
+                   "checkpoint": args.checkpoint, "method": editor.method.name, "layers": args.layers, "modules": args.modules, "steps": args.steps, "batch": args.batch,
                    "seed": args.seed, "data": f"{args.data} train, 'metric' half, seeded shuffle", "torch": torch.__version__,
                    "version": rledit.__version__, "rows": rows}
         write_text_atomically(out / "sweep.json", json.dumps(summary, indent=1) + "\n")
         columns = [*metric_names, *(k for k in ("efficacy_oldest", "efficacy_last") if all(k in r for r in rows))]
-        title = (f"Validation sweep: {args.checkpoint or 'untrained rledit'}, {args.steps} x {args.batch} {args.data} "
+        editor_name = args.checkpoint or ('untrained rledit' if args.method == 'rledit' else args.method)
+        title = (f"Validation sweep: {editor_name}, {args.steps} x {args.batch} {args.data} "
                  f"training edits ('metric' half), {protocol} at the end")
         lines = [title, "",
                  "| setting | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
