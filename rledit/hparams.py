@@ -7,8 +7,14 @@ section) and ``experiments/*.yaml``, which name a model file and a method file a
     method: {lr_init: 1.0}
     experiment: {steps: 20}
 
-Precedence, lowest first: the named section of each ``defaults:`` file (paths relative to the file or to the
-``hparams/`` root), the file's own sections (merged key by key), then dotted command-line overrides such as
+A variant of an experiment names it as its ``base`` and says only what differs (every section of the base file,
+itself composed with its own ``defaults:``, is taken)::
+
+    defaults: {base: experiments/train-rledit-smollm2-counterfact-split.yaml}
+    method: {train: {meta_lr: 0.0}}
+
+Precedence, lowest first: the ``base`` file, the named section of each other ``defaults:`` file (paths relative
+to the file or to the ``hparams/`` root), the file's own sections (merged key by key), then dotted command-line overrides such as
 ``method.lr_init=1e-3`` or ``model.layers=[18,19]`` (values read as YAML). The result is validated against
 dataclasses: ``model``, ``data`` and ``experiment`` against the schemas below, ``method`` against the schema
 its ``name`` selects (registered with :func:`register_method_hparams`, or the ``hparams_class`` of a method
@@ -36,6 +42,7 @@ import yaml
 from rledit.files import write_text_atomically
 
 SECTIONS = ("model", "method", "data", "experiment")
+BASE = "base"  # defaults.base: another experiment file, every section of it
 COMMAND_LINE = "command line"
 def _shipped_hparams() -> Path:
     """The shipped YAML: the source checkout's hparams/, else the copy an installed wheel carries."""
@@ -431,15 +438,16 @@ def _compose(path: Path, stack: tuple[Path, ...] = ()) -> tuple[dict[str, Any], 
                            f"{{model: models/smollm2-135m.yaml, method: methods/rledit.yaml}}; got {defaults!r}")
     data: dict[str, Any] = {}
     provenance: Provenance = {}
-    for section, ref in defaults.items():
-        if section not in SECTIONS:
-            raise HparamsError(f"{shown}: unknown key defaults.{section}{_did_you_mean(section, SECTIONS)}; "
-                               f"known keys: {', '.join(SECTIONS)}")
+    keys = (BASE, *SECTIONS)
+    for section, ref in sorted(defaults.items(), key=lambda item: item[0] != BASE):  # the base first
+        if section not in keys:
+            raise HparamsError(f"{shown}: unknown key defaults.{section}{_did_you_mean(section, keys)}; "
+                               f"known keys: {', '.join(keys)}")
         if not isinstance(ref, str):
             raise HparamsError(f"{shown}: defaults.{section}: expected a file path, got {ref!r}")
         sub_path = _find_default(ref, path, f"{shown}: defaults.{section}")
         sub, sub_provenance = _compose(sub_path, stack + (path,))
-        if set(sub) != {section}:
+        if section != BASE and set(sub) != {section}:
             raise HparamsError(f"{shown}: defaults.{section} names {_display(sub_path)}, which has sections "
                                f"{sorted(sub)}; a file named there must hold exactly one {section}: section")
         _merge(data, provenance, sub, sub_provenance)

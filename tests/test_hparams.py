@@ -1,5 +1,6 @@
 """Typed, composable YAML hyper-parameters: validation, composition, overrides, round trips, shipped files."""
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -214,6 +215,22 @@ def test_precedence_defaults_then_file_then_overrides(tree):
     assert hp.method == ToySGDHparams(lr_init=1e-3, steps=7, tags=["x"], inner=ToyInner(depth=4, width=4))
     assert hp.model.layers == [18, 19] and hp.model.dtype == "bfloat16"
     assert hp.experiment.steps == 2 and hp.experiment.timing == "curve"
+
+
+def test_a_variant_names_its_base_experiment_and_says_only_what_differs(tree):
+    write(tree / "experiments" / "variant.yaml", "defaults: {base: experiments/e.yaml}\n"
+                                                 "method: {inner: {width: 2}}\nexperiment: {steps: 9}\n")
+    base, variant = load_hparams(tree / "experiments" / "e.yaml"), load_hparams(tree / "experiments" / "variant.yaml")
+    assert variant.model == base.model and variant.experiment.timing == base.experiment.timing
+    assert variant.method == dataclasses.replace(base.method, inner=ToyInner(depth=4, width=2))
+    assert variant.experiment.steps == 9
+    # a section default still wins over the base, and the variant's own keys over both
+    write(tree / "models" / "m2.yaml", "model: {name: other}\n")
+    write(tree / "experiments" / "variant.yaml", "defaults: {model: models/m2.yaml, base: experiments/e.yaml}\n")
+    assert load_hparams(tree / "experiments" / "variant.yaml").model.name == "other"
+    write(tree / "experiments" / "variant.yaml", "defaults: {base: experiments/variant.yaml}\n")
+    with pytest.raises(HparamsError, match="defaults form a cycle"):
+        load_hparams(tree / "experiments" / "variant.yaml")
 
 
 def test_errors_name_the_file_the_bad_key_came_from(tree):
