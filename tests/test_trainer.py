@@ -149,28 +149,22 @@ def test_a_training_step_makes_the_passes_of_an_edit(tokenizer, tmp_path):
     assert len(trainer.method.memory) == 1  # one step, remembered once
 
 
-def test_scalar_meta_lr_zero_holds_the_scalars_and_trains_the_network(tokenizer, tmp_path):
-    trainer = _trainer(tokenizer, tmp_path, episodes=1, memory_init=1.0, scalar_meta_lr=0.0)
+@pytest.mark.parametrize("held", ["scalar_meta_lr", "meta_lr"])
+def test_a_learning_rate_of_zero_holds_its_group_and_trains_the_other(tokenizer, tmp_path, held):
+    """scalar_meta_lr 0: scalars chosen on validation, only the network learns; meta_lr 0: the network held
+    (e.g. at its identity), only the per-module scalars learn."""
+    trainer = _trainer(tokenizer, tmp_path, episodes=1, memory_init=1.0, **{held: 0.0})
     net = trainer.method.hypernet
-    scalars = {k: v.detach().clone() for k, v in net.state_dict().items() if k.endswith("_log") or k == "log_lr"}
-    weights = {k: v.detach().clone() for k, v in net.nets.state_dict().items()}
+    groups = {"scalar_meta_lr": [net.log_lr, net.ridge_log, net.memory_log, net.corpus_log],
+              "meta_lr": list(net.nets.parameters())}
+    before = {name: [p.detach().clone() for p in params] for name, params in groups.items()}
     trainer.train()
-    assert scalars and all(torch.equal(net.state_dict()[k], v) for k, v in scalars.items())
-    assert any(not torch.equal(net.nets.state_dict()[k], v) for k, v in weights.items())
-    with pytest.raises(ValueError, match="scalar_meta_lr must be >= 0"):
-        TrainHparams(scalar_meta_lr=-1.0)
-
-
-def test_meta_lr_zero_holds_the_network_and_trains_the_scalars(tokenizer, tmp_path):
-    trainer = _trainer(tokenizer, tmp_path, episodes=1, memory_init=1.0, meta_lr=0.0)
-    net = trainer.method.hypernet
-    scalars = {k: v.detach().clone() for k, v in net.state_dict().items() if k.endswith("_log") or k == "log_lr"}
-    weights = {k: v.detach().clone() for k, v in net.nets.state_dict().items()}
-    trainer.train()
-    assert weights and all(torch.equal(net.nets.state_dict()[k], v) for k, v in weights.items())
-    assert all(p.grad is None for p in net.nets.parameters())  # held: not even a gradient is computed
-    assert not torch.equal(net.state_dict()["log_lr"], scalars["log_lr"])
-    assert not torch.equal(net.state_dict()["memory_log"], scalars["memory_log"])
+    trained = "meta_lr" if held == "scalar_meta_lr" else "scalar_meta_lr"
+    assert all(torch.equal(p, q) for p, q in zip(groups[held], before[held]))
+    assert all(p.grad is None for p in groups[held])  # held: not even a gradient is computed
+    assert any(not torch.equal(p, q) for p, q in zip(groups[trained], before[trained]))
+    with pytest.raises(ValueError, match=f"{held} must be >= 0"):
+        TrainHparams(**{held: -1.0})
     with pytest.raises(ValueError, match="nothing would be trained"):
         TrainHparams(meta_lr=0.0, scalar_meta_lr=0.0)
 
