@@ -101,7 +101,6 @@ def main() -> None:
                 raise SystemExit(f"a setting's scale multiplies an RLEdit-family editor's scalars; "
                                  f"{editor.method.name} has none")
             scale_scalars(editor.method.hypernet, scale)
-        if scale:
             overrides["scale"] = scale
         if references is None:
             references = editor.references(stream, [protocol])

@@ -14,10 +14,10 @@ itself composed with its own ``defaults:``, is taken)::
     method: {train: {meta_lr: 0.0}}
 
 Precedence, lowest first: the ``base`` file, the named section of each other ``defaults:`` file (paths relative
-to the file or to the ``hparams/`` root), the file's own sections (merged key by key), then dotted command-line overrides such as
-``method.lr_init=1e-3`` or ``model.layers=[18,19]`` (values read as YAML). The result is validated against
-dataclasses: ``model``, ``data`` and ``experiment`` against the schemas below, ``method`` against the schema
-its ``name`` selects (registered with :func:`register_method_hparams`, or the ``hparams_class`` of a method
+to the file or to the ``hparams/`` root), the file's own sections (merged key by key), then dotted command-line
+overrides such as ``method.lr_init=1e-3`` or ``model.layers=[18,19]`` (values read as YAML). The result is
+validated against dataclasses: ``model``, ``data`` and ``experiment`` against the schemas below, ``method``
+against the schema its ``name`` selects (registered with :func:`register_method_hparams`, or the ``hparams_class`` of a method
 registered in :mod:`rledit.methods`).
 """
 
