@@ -25,11 +25,13 @@ in a ``finally`` block.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rledit.targets import EditTarget
 from rledit.tokens import TokenBatch, answer_logits
@@ -44,7 +46,8 @@ class StepFeatures:
     """Keys and value-gradients of one edit step, per edited module, over the step's N answer tokens.
 
     Rows are answer positions in row-major (batch row, position) order, identical for every module, so
-    ``keys[m][i]`` and ``grads[m][i]`` belong to the same token. Tensors are fp32 and detached.
+    ``keys[m][i]`` and ``grads[m][i]`` belong to the same token. Tensors are fp32 and detached (unless captured
+    with ``differentiable``).
     """
 
     keys: dict[str, torch.Tensor]  # module name -> (N, d_in)
@@ -69,9 +72,14 @@ def per_row_target_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     return totals / mask.sum(1).clamp(min=1)
 
 
-def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: TokenBatch) -> StepFeatures:
+def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: TokenBatch,
+                     differentiable: bool = False) -> StepFeatures:
     """One forward+backward of ``model`` on ``batch``; keys and value-gradients at ``targets``, at the batch's
     key positions (the answer tokens, and the subjects' last tokens where marked).
+
+    ``differentiable``: the features keep their graph to whatever the forward depends on that requires grad
+    (pending deltas with a graph: the later passes of an RL training step); the gradients then come from a
+    second-order backward (``create_graph``), so the features are no longer detached.
 
     Runs in eval semantics (every submodule is put in eval mode, so no dropout) and restores each submodule's
     own train/eval flag afterwards. The weights never get ``.grad`` buffers and their ``requires_grad`` flags
@@ -100,7 +108,7 @@ def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: Tok
                     f"{target.name}: input of shape {tuple(inputs.shape)} does not line up with the batch's "
                     f"(rows, positions) = {tuple(mask.shape)}"
                 )
-            keys[target.name] = inputs.detach()[mask].float()
+            keys[target.name] = (inputs if differentiable else inputs.detach())[mask].float()
             if not output.requires_grad:
                 output = output.detach().requires_grad_()
             outputs[target.name] = output
@@ -117,13 +125,16 @@ def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: Tok
         model.eval()
         for target in targets:
             handles.append(target.module.register_forward_hook(make_hook(target)))
-        with torch.enable_grad():
+        # a second-order backward needs attention's composite ("math") kernel: the fused ones have no double backward
+        kernels = sdpa_kernel(SDPBackend.MATH) if differentiable else nullcontext()
+        with torch.enable_grad(), kernels:
             loss = answer_token_loss(answer_logits(model, batch), batch)
             missing = [n for n in names if n not in outputs]
             if missing:
                 raise FeatureError(f"targets {missing} did not run in the forward; are they in the model?")
             summed_loss = loss * batch.n_answer_tokens  # per-token gradients: see the module docstring
-            grads = torch.autograd.grad(summed_loss, [outputs[n] for n in names], allow_unused=True)
+            grads = torch.autograd.grad(summed_loss, [outputs[n] for n in names], allow_unused=True,
+                                        create_graph=differentiable)
     finally:
         for handle in handles:
             handle.remove()
@@ -137,7 +148,7 @@ def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: Tok
         if grad is None:  # the module's output does not reach the loss (e.g. a layer after the last position)
             grad_rows[name] = keys[name].new_zeros(len(keys[name]), target.d_out)
         else:
-            grad_rows[name] = grad.detach()[mask].float()
+            grad_rows[name] = (grad if differentiable else grad.detach())[mask].float()
     return StepFeatures(keys=keys, grads=grad_rows, loss=float(loss.detach()), n_tokens=int(mask.sum()))
 
 

@@ -14,6 +14,7 @@ from rledit.checkpoints import CheckpointError, read_checkpoint
 from rledit.data import load_requests
 from rledit.editor import Editor
 from rledit.eval.forced import predict_answers
+from rledit.hooks import capture_features
 from rledit.methods.rledit.config import RLEditHparams, TrainHparams
 from rledit.methods.rledit.trainer import RLEditTrainer
 from rledit.tokens import answer_logits
@@ -195,3 +196,40 @@ def test_the_margin_objective_scores_new_over_old_as_the_protocol_does(tokenizer
     trainer.train()
     assert [r["kind"] for r in _log(tmp_path / "cf")] == ["run", "episode", "episode"]
     assert all(math.isfinite(r["loss"]) for r in _log(tmp_path / "cf") if r["kind"] == "episode")
+
+
+def test_differentiable_passes_give_the_gradient_of_the_step_loss(tokenizer, tmp_path):
+    """With ``differentiable_passes`` the meta-gradient of a multi-pass step is the gradient of its loss (a
+    central finite difference in each module's log step size agrees); read detached, the later passes' features
+    leave it biased."""
+    torch.manual_seed(0)
+    hparams = RLEditHparams(rank=16, lr_init=30.0, memory_init=1.0, passes=3, refine="gradient",
+                            train=TrainHparams(episodes=1, steps_per_episode=1, batch=2, back_depth=1,
+                                               loc_reference="unedited", differentiable_passes=True))
+    editor = Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, hparams=hparams, layers=[2, 3])
+    trainer = RLEditTrainer(editor, load_requests("zsre", "train", limit=4), tmp_path, progress=False)
+    step = trainer._tokenise(trainer.requests[:2])
+    features = capture_features(editor.model, editor.targets, step.edit)
+    trainer.method.fold_statistics([features])
+    log_lr = trainer.method.hypernet.log_lr
+
+    def loss(differentiable: bool = False) -> torch.Tensor:
+        return trainer.step_loss(trainer.action(step, features, differentiable), [step], [1.0])[0]
+
+    gradients = {}
+    for differentiable in (True, False):
+        log_lr.grad = None
+        loss(differentiable).backward()
+        gradients[differentiable] = log_lr.grad.clone()
+    measured = torch.zeros_like(log_lr)
+    eps = 1e-3
+    with torch.no_grad():
+        for i in range(log_lr.numel()):
+            moved = []
+            for sign in (1.0, -1.0):
+                log_lr[i] += sign * eps
+                moved.append(loss().item())
+                log_lr[i] -= sign * eps
+            measured[i] = (moved[0] - moved[1]) / (2 * eps)
+    assert torch.allclose(gradients[True], measured, rtol=2e-2, atol=1e-4 * float(measured.abs().max()))
+    assert not torch.allclose(gradients[False], measured, rtol=2e-2, atol=1e-4 * float(measured.abs().max()))

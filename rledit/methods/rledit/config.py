@@ -72,6 +72,10 @@ class TrainHparams:
             on the mean per-token log-probabilities of the new and the old target (CounterFact's requests carry
             the old one as ``ground_truth``): an edit that already wins by ``gen_margin`` is not pushed further.
         gen_margin: m, the margin (nats per token) of the "margin" objective.
+        differentiable_passes: with ``method.passes`` > 1, keep each later pass's features (keys, and the
+            gradients by a second-order backward) differentiable in the earlier passes' updates, so the
+            meta-gradient sees how the later passes react to the first; False: they are read detached (cheaper,
+            but the gradient then credits the first pass with changes the later passes undo).
         diverge_factor: stop training when an episode's mean loss is non-finite or above this multiple of the
             first episode's (0: never stop).
         distinct_episodes: under several processes (data-parallel training, ``accelerate launch``), each process
@@ -110,6 +114,7 @@ class TrainHparams:
     relation_locality: bool = False
     gen_objective: Literal["ce", "margin"] = "ce"
     gen_margin: float = 1.0
+    differentiable_passes: bool = False
     diverge_factor: float = 0.0
     distinct_episodes: bool = True
     episodes_per_step: int = 1

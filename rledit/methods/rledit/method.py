@@ -281,20 +281,24 @@ class RLEditMethod(EditMethod):
         return [marked[where] for where in schedule]
 
     def later_passes(self, model: nn.Module, targets: Sequence[EditTarget], batches: Sequence[TokenBatch],
-                     updates: dict[str, Factors]) -> dict[str, Factors]:
+                     updates: dict[str, Factors], differentiable: bool = False) -> dict[str, Factors]:
         """``updates`` with one pass appended per batch of ``batches`` (ΔW = Σ_p U_p V_p): each pass's features
         are captured with the passes so far pending, detached (what a pass reads is the state, as a step's
         first features are), and its update comes from ``refine``. Differentiable where ``updates`` is, and in
         the scalars (and the network, with refine "network") through each later pass's solve: the RL trainer
-        runs the same passes as an edit. Later passes leave the normaliser's statistics alone, and the key
-        memory keeps the first pass's keys (one step, one entry)."""
+        runs the same passes as an edit. With ``differentiable`` the earlier passes stay pending with their
+        graph and each pass's features are captured differentiably (a second-order backward), so the result
+        is differentiable through what every later pass reads too. Later passes leave the normaliser's
+        statistics alone, and the key memory keeps the first pass's keys (one step, one entry)."""
         if not batches:
             return updates
         staged = self.memory.staged if self.memory is not None else None
         with temporary_store(model, targets) as store:
             for batch in batches:
-                with store.pending({name: (u.detach(), v.detach()) for name, (u, v) in updates.items()}):
-                    features = capture_features(model, targets, batch)
+                pending = updates if differentiable else {name: (u.detach(), v.detach())
+                                                          for name, (u, v) in updates.items()}
+                with store.pending(pending):
+                    features = capture_features(model, targets, batch, differentiable=differentiable)
                 more = self.compute_updates(features, targets, update_stats=False,
                                             network=self.hparams.refine == "network")
                 updates = {name: (torch.cat([u, more[name][0]], 1), torch.cat([v, more[name][1]], 0))

@@ -5,8 +5,9 @@ steps of ``batch`` requests from the training split. At step t:
 
 1. features (K, G) of the step's edit prompts on the current model W(t-1)   (detached: the state)
 2. the action: factors (Kᵀ, Y) from the hypernetwork and the ridge solve     (carries the graph), followed
-   by the later passes of an edit when ``method.passes`` > 1 (their features detached, their solves not),
-   so the editor is trained for the rule it edits with
+   by the later passes of an edit when ``method.passes`` > 1 (their features detached, their solves not;
+   with ``differentiable_passes`` their features too, by a second-order backward), so the editor is trained
+   for the rule it edits with
 3. the loss with memory backtracking, evaluated with the action pending on top of W(t-1) (so on W(t)):
 
        L_t = Σ_{j<min(t,H)} γ^j [ CE_gen(B_{t-j}; W(t)) + α KL_loc(B_{t-j}; W_ref, W(t)) ] + μ Σ_m ||ΔW_m||²_F
@@ -310,23 +311,34 @@ class RLEditTrainer:
              learn: bool, lanes: int) -> dict[str, float]:
         """The running lane's action on ``current`` (the normaliser already holds its features), its loss
         backpropagated when ``learn``, and the action kept."""
-        hp, model, targets = self.hp, self.editor.model, self.editor.targets
-        updates = self.method.compute_updates(features, targets, update_stats=False)
-        updates = self.method.later_passes(model, targets, current.passes, updates)
+        updates = self.action(current, features, differentiable=learn and self.hp.differentiable_passes)
         if not learn:
             self._keep(updates)
             return {}
-        steps, weights = [current, *past], [1.0, *past_weights]
+        loss, metrics = self.step_loss(updates, [current, *past], [1.0, *past_weights])
+        (loss / (self.hp.update_every * lanes)).backward()
+        self._keep({name: (u.detach(), v.detach()) for name, (u, v) in updates.items()})
+        return metrics | {"pre_edit_loss": features.loss}
+
+    def action(self, current: WindowStep, features, differentiable: bool = False) -> dict[str, tuple]:
+        """The editor's update of ``current`` from its first features (step 2 of the module docstring): the
+        network and the solve, then the later passes of an edit (their features ``differentiable`` or not)."""
+        model, targets = self.editor.model, self.editor.targets
+        updates = self.method.compute_updates(features, targets, update_stats=False)
+        return self.method.later_passes(model, targets, current.passes, updates, differentiable=differentiable)
+
+    def step_loss(self, updates: dict[str, tuple], steps: list[WindowStep],
+                  weights: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_t with ``updates`` pending over ``steps`` (the newest first, weighted; step 3 of the module
+        docstring), and its parts as numbers."""
+        hp = self.hp
         references = self._references(steps)
         with self.editor.store.pending(updates):
             gen_loss, loc_loss, edit_acc = self._backtracking_losses(steps, weights, references)
         reg = sum(factored_frobenius_sq(u, v) for u, v in updates.values())
         loss = gen_loss + hp.loc_coef * loc_loss + hp.reg_coef * reg
-        (loss / (hp.update_every * lanes)).backward()
-        self._keep({name: (u.detach(), v.detach()) for name, (u, v) in updates.items()})
-        return {"loss": loss.item(), "gen": gen_loss.item(), "loc": loc_loss.item(), "reg": reg.item(),
-                "update_norm": math.sqrt(max(reg.item(), 0.0) / len(updates)), "edit_acc": edit_acc,
-                "pre_edit_loss": features.loss}
+        return loss, {"loss": loss.item(), "gen": gen_loss.item(), "loc": loc_loss.item(), "reg": reg.item(),
+                      "update_norm": math.sqrt(max(reg.item(), 0.0) / len(updates)), "edit_acc": edit_acc}
 
     @contextlib.contextmanager
     def _running(self, lane: Lane):
