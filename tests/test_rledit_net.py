@@ -341,3 +341,33 @@ def test_check_updates_accepts_factors_and_dense_and_names_what_is_wrong():
         check_updates({"b": torch.zeros(4, 3)}, shapes)
     with pytest.raises(UpdateError, match="not finite"):
         check_updates({"a": torch.full((4, 3), float("inf"))}, shapes)
+
+
+def test_an_editor_extended_to_more_modules_keeps_the_trained_ones_and_starts_the_new_at_identity(monkeypatch):
+    """benchmarks/extend_editor.py: the trained modules map features exactly as before, with their scalars and
+    normalisers; a new module's blocks pass its features through, with the trained modules' mean scalars."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from extend_editor import extend
+
+    torch.manual_seed(0)
+    old = {name: shape for name, shape in SHAPES.items() if name != "layers.1.mlp.up_proj"}
+    trained = HyperNetwork(old, rank=4, n_blocks=2, lr_init=0.1, lambda_init=-1.0, memory_init=1.0, corpus_init=5.0)
+    with torch.no_grad():
+        for p in trained.nets.parameters():
+            p.normal_()
+        trained.log_lr.normal_()
+    for name in old:
+        trained.normalizer(name).update(torch.randn(7, sum(old[name])) * 3 + 1)
+    wider = HyperNetwork(SHAPES, rank=4, n_blocks=2, lr_init=0.1, lambda_init=-1.0, memory_init=1.0, corpus_init=5.0)
+    assert extend(trained, wider) == ["layers.1.mlp.up_proj"]
+    for name, (d_in, d_out) in old.items():
+        keys, grads = torch.randn(5, d_in), torch.randn(5, d_out)
+        for a, b in zip(trained(name, keys, grads), wider(name, keys, grads)):
+            assert torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(wider.lr(name), trained.lr(name))
+    keys, grads = torch.randn(5, 6), torch.randn(5, 10)
+    edited_keys, edited_grads = wider("layers.1.mlp.up_proj", keys, grads)
+    assert torch.allclose(edited_keys, keys, atol=1e-5) and torch.allclose(edited_grads, grads, atol=1e-5)
+    assert torch.allclose(wider.lr("layers.1.mlp.up_proj"), trained.log_lr.mean().exp())
