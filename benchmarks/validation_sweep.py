@@ -77,7 +77,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layers", type=int, nargs="*", default=[24, 25, 26, 27])
+    parser.add_argument("--layers", type=int, nargs="*", default=None,
+                        help="edited layers (default: the checkpoint's, or 24-27 for an untrained editor)")
     parser.add_argument("--modules", nargs="*", default=None, help="edited MLP modules (default: the model's)")
     parser.add_argument("--data", choices=sorted(PROTOCOLS), default="zsre",
                         help="training split the stream comes from (its 'metric' half), scored by its protocol")
@@ -86,6 +87,7 @@ def main() -> None:
     loaded = load_model("smollm2-135m")
     stream = validation_stream(args.steps * args.batch, args.seed, args.data)
     protocol, metric_names = PROTOCOLS[args.data], METRICS[args.data]
+    layers = args.layers if args.layers is not None or args.checkpoint else [24, 25, 26, 27]
     references = None
     rows = []
     out = Path(args.out)
@@ -94,7 +96,7 @@ def main() -> None:
         overrides = json.loads(setting)
         scale = overrides.pop("scale", {})
         editor = Editor.from_pretrained(loaded.model, method=args.method, tokenizer=loaded.tokenizer,
-                                        checkpoint=args.checkpoint, hparams=overrides or None, layers=args.layers,
+                                        checkpoint=args.checkpoint, hparams=overrides or None, layers=layers,
                                         modules=args.modules)
         if scale:
             if getattr(editor.method, "hypernet", None) is None:
@@ -115,7 +117,7 @@ def main() -> None:
                      **efficacy_by_age(result.records, args.batch, args.steps)})
         print(rows[-1], flush=True)
         summary = {"format": "rledit-validation-sweep@1", "command": shlex.join(sys.argv), "protocol": protocol, "data_source": args.data,
-                   "checkpoint": args.checkpoint, "method": editor.method.name, "layers": args.layers, "modules": args.modules, "steps": args.steps, "batch": args.batch,
+                   "checkpoint": args.checkpoint, "method": editor.method.name, "layers": sorted({t.layer for t in editor.targets}), "modules": args.modules, "steps": args.steps, "batch": args.batch,
                    "seed": args.seed, "data": f"{args.data} train, 'metric' half, seeded shuffle", "torch": torch.__version__,
                    "version": rledit.__version__, "rows": rows}
         write_text_atomically(out / "sweep.json", json.dumps(summary, indent=1) + "\n")
