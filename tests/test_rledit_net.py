@@ -358,8 +358,8 @@ def test_an_editor_extended_to_more_modules_keeps_the_trained_ones_and_starts_th
         for p in trained.nets.parameters():
             p.normal_()
         trained.log_lr.normal_()
-    for name in old:
-        trained.normalizer(name).update(torch.randn(7, sum(old[name])) * 3 + 1)
+    for name, shape in old.items():
+        trained.normalizer(name).update(torch.randn(7, sum(shape)) * 3 + 1)
     wider = HyperNetwork(SHAPES, rank=4, n_blocks=2, lr_init=0.1, lambda_init=-1.0, memory_init=1.0, corpus_init=5.0)
     assert extend(trained, wider) == ["layers.1.mlp.up_proj"]
     for name, (d_in, d_out) in old.items():
