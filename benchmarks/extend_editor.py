@@ -16,15 +16,13 @@ import shlex
 import sys
 
 import torch
-from validation_sweep import scale_scalars
+from validation_sweep import SCALARS, scale_scalars
 
 from rledit.checkpoints import read_checkpoint
 from rledit.editor import Editor
 from rledit.methods.memory import split_memory_state
 from rledit.methods.rledit.net import HyperNetwork
 from rledit.models import load_model
-
-SCALAR_PARAMETERS = ("log_lr", "ridge_log", "memory_log", "corpus_log")
 
 
 def trained_network(saved) -> HyperNetwork:
@@ -52,7 +50,7 @@ def extend(trained: HyperNetwork, wider: HyperNetwork) -> list[str]:
             _, wide_index, wide_slot = wider.slots[name]
             if name not in trained.module_shapes:
                 new_modules.append(name)
-                for attr in SCALAR_PARAMETERS:
+                for attr in SCALARS.values():
                     getattr(wider, attr)[wide_slot] = getattr(trained, attr).mean()
                 continue
             key, index, slot = trained.slots[name]
@@ -60,7 +58,7 @@ def extend(trained: HyperNetwork, wider: HyperNetwork) -> list[str]:
                 wide_block.scale[wide_index].copy_(block.scale[index])
                 wide_block.shift[wide_index].copy_(block.shift[index])
             wider.normalizers[wide_slot].load_state_dict(trained.normalizers[slot].state_dict())
-            for attr in SCALAR_PARAMETERS:
+            for attr in SCALARS.values():
                 getattr(wider, attr)[wide_slot] = getattr(trained, attr)[slot]
     return new_modules
 

@@ -35,15 +35,24 @@ from rledit.methods.rledit.trainer import RLEditTrainer
 SCALARS = {"log step size": "log_lr", "ridge λ": "ridge_log", "log β": "memory_log", "log α": "corpus_log"}
 
 
-def step_loss(trainer: RLEditTrainer, step) -> torch.Tensor:
-    """L_t of ``step`` (no backtracking) on the current model, as the trainer's step computes it; the
-    normaliser is left as it is."""
-    model, targets = trainer.editor.model, trainer.editor.targets
+def step_loss(trainer: RLEditTrainer, step, features) -> torch.Tensor:
+    """L_t of ``step`` (no backtracking) from its first ``features`` (read once on the current model: they do not
+    depend on the editor's parameters), as the trainer's step computes it; the normaliser is left as it is."""
     with trainer._upper_layers_only():
-        features = capture_features(model, targets, step.edit)
         differentiable = torch.is_grad_enabled() and trainer.hp.differentiable_passes
         updates = trainer.action(step, features, differentiable=differentiable)
         return trainer.step_loss(updates, [step], [1.0])[0]
+
+
+def central_difference(trainer: RLEditTrainer, step, features, move, eps: float) -> float:
+    """(L(θ + ε·d) − L(θ − ε·d)) / 2ε, where ``move(t)`` adds t·d to the parameters in place."""
+    moved = []
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            move(sign * eps)
+            moved.append(step_loss(trainer, step, features).item())
+            move(-sign * eps)
+    return (moved[0] - moved[1]) / (2 * eps)
 
 
 def families(trainer: RLEditTrainer) -> dict[str, list[torch.nn.Parameter]]:
@@ -55,7 +64,7 @@ def families(trainer: RLEditTrainer) -> dict[str, list[torch.nn.Parameter]]:
     return chosen
 
 
-def check(trainer: RLEditTrainer, step, epsilons: list[float], per_component: float = 0.0) -> list[dict]:
+def check(trainer: RLEditTrainer, step, features, epsilons: list[float], per_component: float = 0.0) -> list[dict]:
     """One row per parameter family: ‖g‖ against the finite differences along d = g / ‖g‖ (and with
     ``per_component`` > 0, each scalar family's whole gradient by differences of that size)."""
     chosen = families(trainer)
@@ -64,7 +73,7 @@ def check(trainer: RLEditTrainer, step, epsilons: list[float], per_component: fl
             p.requires_grad_(True)
             p.grad = None
     with torch.enable_grad():
-        loss = step_loss(trainer, step)
+        loss = step_loss(trainer, step, features)
         loss.backward()
     base = loss.item()
     rows = []
@@ -72,36 +81,30 @@ def check(trainer: RLEditTrainer, step, epsilons: list[float], per_component: fl
         grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         norm = math.sqrt(sum(float((g ** 2).sum()) for g in grads))
         row = {"family": label, "loss": base, "gradient_norm": norm, "finite_differences": {}}
+
+        def along_gradient(t: float, params=params, grads=grads, norm=norm) -> None:
+            for p, g in zip(params, grads):
+                p.add_(g, alpha=t / norm)
+
         if norm > 0:
             for eps in epsilons:
-                moved = []
-                for sign in (1.0, -1.0):
-                    with torch.no_grad():
-                        for p, g in zip(params, grads):
-                            p.add_(g, alpha=sign * eps / norm)
-                        moved.append(step_loss(trainer, step).item())
-                        for p, g in zip(params, grads):
-                            p.add_(g, alpha=-sign * eps / norm)
-                row["finite_differences"][str(eps)] = (moved[0] - moved[1]) / (2 * eps)
+                row["finite_differences"][str(eps)] = central_difference(trainer, step, features, along_gradient, eps)
         if per_component and label != "network":  # the whole gradient of a scalar family, one module at a time
-            row.update(component_check(trainer, step, params[0], grads[0], per_component))
+            row.update(component_check(trainer, step, features, params[0], grads[0], per_component))
         rows.append(row)
     return rows
 
 
-def component_check(trainer: RLEditTrainer, step, param: torch.nn.Parameter, grad: torch.Tensor,
+def component_check(trainer: RLEditTrainer, step, features, param: torch.nn.Parameter, grad: torch.Tensor,
                     eps: float) -> dict:
     """The finite-difference gradient of a per-module scalar vector, one entry at a time, against the trainer's:
     their cosine and norm ratio."""
     measured = torch.zeros_like(grad)
-    with torch.no_grad():
-        for i in range(param.numel()):
-            moved = []
-            for sign in (1.0, -1.0):
-                param.view(-1)[i] += sign * eps
-                moved.append(step_loss(trainer, step).item())
-                param.view(-1)[i] -= sign * eps
-            measured.view(-1)[i] = (moved[0] - moved[1]) / (2 * eps)
+    for i in range(param.numel()):
+        def along_entry(t: float, i=i) -> None:
+            param.view(-1)[i] += t
+
+        measured.view(-1)[i] = central_difference(trainer, step, features, along_entry, eps)
     cosine = float(torch.nn.functional.cosine_similarity(grad.view(1, -1), measured.view(1, -1)))
     return {"gradient": grad.view(-1).tolist(), "finite_difference_gradient": measured.view(-1).tolist(),
             "cosine": cosine, "norm_ratio": float(grad.norm() / measured.norm().clamp_min(1e-30))}
@@ -131,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     for w in range(args.warm):
         trainer.apply_step(trainer._tokenise(episode[w * batch:(w + 1) * batch]))
     step = trainer._tokenise(episode[args.warm * batch:(args.warm + 1) * batch])
-    with trainer._upper_layers_only():  # the normaliser takes the step's features first, as in a training step
-        trainer.method.fold_statistics([capture_features(editor.model, editor.targets, step.edit)])
-    rows = check(trainer, step, args.epsilons, args.per_component)
+    with trainer._upper_layers_only():
+        features = capture_features(editor.model, editor.targets, step.edit)
+    trainer.method.fold_statistics([features])  # the normaliser takes the step's features first, as in training
+    rows = check(trainer, step, features, args.epsilons, args.per_component)
     summary = {"format": "rledit-meta-gradient-check@1", "command": command_line(), "hparams": args.hparams,
                "overrides": args.set, "init": args.init, "passes": method.passes, "refine": method.refine, "warm_steps": args.warm,
                "rledit": rledit.__version__, "torch": torch.__version__, "rows": rows}
