@@ -31,7 +31,7 @@ from rledit.chat import chat_framing, restore_chat_framing, use_chat_template
 from rledit.checkpoints import read_checkpoint, shipped_checkpoints, write_checkpoint
 from rledit.deltas import DeltaError, DeltaStore
 from rledit.files import atomic_directory, file_sha256, read_json, read_safetensors
-from rledit.hooks import capture_bytes, capture_features
+from rledit.hooks import capture_bytes
 from rledit.hparams import HparamsError, from_dict
 from rledit.methods import EditMethod, get_method
 from rledit.targets import EditTarget, TargetError, resolve_targets
@@ -250,7 +250,7 @@ class Editor:
         method_state = {k: v.clone() for k, v in self.method.state_dict().items()}
         step_id = None
         try:
-            features = capture_features(self.model, self.targets, batch) if self.method.uses_features else None
+            features = self.method.capture(self.model, self.targets, batch) if self.method.uses_features else None
             with torch.no_grad():  # inference: no autograd graph of the solve (methods that optimise enable it)
                 updates = self.method.compute_step(self.model, self.tokenizer, self.targets, requests, features)
             step_id = self.store.add(updates)

@@ -218,30 +218,37 @@ def model_inputs(model: nn.Module, batch: TokenBatch) -> dict[str, torch.Tensor]
 def answer_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     """Logits (n_answer_tokens, V) at the answer positions of ``batch``, in row-major order.
 
-    Only the positions from the first answer position on go through the output layer (``logits_to_keep``),
-    which saves most of the vocabulary projection, the largest matmul of a small LM on short rows; with a
-    left-padded batch that is just the last max(target length) positions.
+    Only the answer positions go through the output layer, the largest matmul of a small LM on short rows: the
+    model keeps the positions from the first answer position on (``logits_to_keep``; with a left-padded batch,
+    the last max(target length) positions), and a pre-hook on the output layer hands it the answer positions
+    among those as one (n_answer_tokens, d) matrix. Rows with shorter answers than the longest then cost
+    nothing at the other kept positions (on 20-edit zsRE steps, 73 of 170 kept positions are answers). A model
+    whose output layer is not a module reachable by ``get_output_embeddings`` projects all kept positions.
     """
     mask = batch.answer_mask
     if not mask.any():
         raise TokenizationError("the batch has no answer tokens; encode it with targets")
     first = int(mask.any(0).nonzero()[0])
     keep = mask.shape[1] - first
-    # the kept positions reach the output layer as a strided view of the hidden states; with gradients, a
-    # strided 3-d input makes the projection a batched matmul over a broadcast copy of the vocabulary matrix
-    # (about 5x slower on CPU), so it is handed a contiguous copy
+    kept_answers = mask[:, first:]
+
+    def answers_only(module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]  # (B, keep, d), a strided view of the last hidden states
+        return (hidden[kept_answers.to(hidden.device)], *args[1:])  # (n_answer_tokens, d), contiguous
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    handle = head.register_forward_pre_hook(_contiguous_input) if isinstance(head, nn.Module) else None
+    handle = head.register_forward_pre_hook(answers_only) if isinstance(head, nn.Module) else None
     try:
         out = model(**model_inputs(model, batch), use_cache=False, logits_to_keep=keep)
     finally:
         if handle is not None:
             handle.remove()
-    return out.logits[:, -keep:][mask[:, first:].to(out.logits.device)]
-
-
-def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
-    return (args[0].contiguous(), *args[1:]) if args and isinstance(args[0], torch.Tensor) else args
+    if handle is not None:
+        if out.logits.shape[:-1] != (int(mask.sum()),):
+            raise TokenizationError(f"the output layer of {type(model).__name__} did not give one row of logits per "
+                                    f"answer token ({tuple(out.logits.shape)} for {int(mask.sum())} answer tokens)")
+        return out.logits
+    return out.logits[:, -keep:][kept_answers.to(out.logits.device)]
 
 
 def context_length(model: nn.Module) -> int | None:

@@ -48,6 +48,23 @@ def _reference(model, kind, batch):
     return loss.item(), inputs, output_grads, {n: p.grad for n, p in probes.items()}
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox", "gptj"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_answer_logits_are_the_full_models_logits_at_the_answer_positions(kind, padding_side, tokenizer):
+    torch.manual_seed(0)
+    model = tiny_model(kind)
+    batch = encode(tokenizer, PROMPTS, ANSWERS, padding_side=padding_side)
+    with torch.no_grad():
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids, use_cache=False).logits
+        answers = answer_logits(model, batch)
+    assert answers.shape == (batch.n_answer_tokens, full.shape[-1])
+    torch.testing.assert_close(answers, full[batch.answer_mask], atol=1e-5, rtol=1e-5)
+    loss = answer_token_loss(answer_logits(model, batch), batch)
+    loss.backward()  # the projection of the gathered rows passes gradients to the model's weights
+    assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox"])
 def test_features_match_autograd(kind, tokenizer):
     model = tiny_model(kind)

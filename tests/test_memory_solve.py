@@ -273,7 +273,7 @@ def test_edit_time_solve_through_kept_inverses_equals_the_factorised_solve(token
     assert method.inverses.entries == {}  # a revert drops them; the next step rebuilds from the memory
 
 
-def test_later_passes_skip_the_unedited_layers_and_give_the_same_update(tokenizer, monkeypatch):
+def test_the_passes_of_a_step_run_the_unedited_layers_once_and_give_the_same_update(tokenizer, monkeypatch):
     from rledit.prefix import Prefix
 
     requests = load_requests("zsre", "train", limit=4)
@@ -283,8 +283,13 @@ def test_later_passes_skip_the_unedited_layers_and_give_the_same_update(tokenize
             monkeypatch.setattr(Prefix, "for_targets", classmethod(lambda cls, model, targets: None))
         editor = _editor(tokenizer, memory_init=1.0, passes=3, refine="gradient")
         assert editor.targets[0].layer > 0  # there are unedited layers below the edited ones
+        lowest = editor.model.model.layers[0]
+        runs_of_lowest = []
+        lowest.register_forward_hook(lambda module, args, output: runs_of_lowest.append(1))
         editor.apply(requests[:2])
         editor.apply(requests[2:])
+        # with the prefix: once per step (the first capture's, reused by both later passes); without: every pass
+        assert len(runs_of_lowest) == (2 if skipped else 6)
         runs[skipped] = {t.name: editor.store.delta(t.name) for t in editor.targets}
     for name, delta in runs[True].items():
         assert torch.allclose(delta, runs[False][name], rtol=1e-4, atol=1e-6)

@@ -15,7 +15,7 @@ A method implements exactly one of two entry points:
 
 The editor always calls :meth:`compute_step`; its default forwards to :meth:`compute_updates`. Optional
 hooks: :meth:`prepare` (once, before the first step: build networks, estimate statistics),
-:meth:`edit_batch` (what the step's features are read from), :meth:`step_applied` / :meth:`step_reverted` / :meth:`steps_cleared` (what happened to the computed steps, for
+:meth:`edit_batch` (what the step's features are read from), :meth:`capture` (how they are read), :meth:`step_applied` / :meth:`step_reverted` / :meth:`steps_cleared` (what happened to the computed steps, for
 methods that remember earlier ones) and
 :meth:`state_dict` / :meth:`load_state_dict` for methods whose state must be saved with the editor (plain
 tensors, safetensors-compatible). Training a learned editor is not part of this contract: it lives in the
@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import torch
 from torch import nn
 
+from rledit.hooks import capture_features
 from rledit.targets import EditTarget
 from rledit.tokens import TokenBatch, encode_after_prefixes
 from rledit.types import EditRequest
@@ -91,6 +92,12 @@ class EditMethod:
         Default: the requests' prompts + targets, left-padded, features at the answer positions; RLEdit may add
         context-prefixed rows and mark the subjects."""
         return encode_after_prefixes(tokenizer, requests, ("",), max_length)
+
+    def capture(self, model: nn.Module, targets: Sequence[EditTarget], batch: TokenBatch) -> StepFeaturesLike:
+        """The step's features from ``batch`` (:meth:`edit_batch`) on the current model: one forward+backward
+        (:func:`rledit.hooks.capture_features`). A method that runs the model again within the step may override
+        it to share work with :meth:`compute_step`, which the editor calls right after it."""
+        return capture_features(model, targets, batch)
 
     def step_bytes(self, n_tokens: int, targets: Sequence[EditTarget]) -> int:
         """A rough upper estimate of the memory (bytes) :meth:`compute_step` needs beyond the feature capture

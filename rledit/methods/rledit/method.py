@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -68,6 +69,7 @@ class RLEditMethod(EditMethod):
         self.statistics_report: dict[str, Any] = {}
         self.inverses = PenaltyInverses()  # A⁻¹ per module at edit time (rledit.methods.rledit.solve)
         self.prefixes: list[str] = [""]  # context prefixes of the edit rows ("" = the bare prompt), see prepare()
+        self.lower_hidden: TokenBatch | None = None  # what capture() left for this step's later passes
 
     def prepare(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget]) -> None:
         """Build the hypernetwork for ``targets`` (or check that the loaded one fits them) on the model's
@@ -266,9 +268,32 @@ class RLEditMethod(EditMethod):
         plain = self.plain_batch(tokenizer, requests, context_length(model))
         prefix = Prefix.for_targets(model, targets)  # the layers below the edited ones: computed once for all passes
         if prefix is not None:
-            plain = prefix.attach(plain)
+            plain = self.captured_prefix(plain) or prefix.attach(plain)
         with prefix.skipped() if prefix is not None else nullcontext():
             return self.later_passes(model, targets, self.pass_batches(tokenizer, requests, plain), updates)
+
+    def capture(self, model: nn.Module, targets: Sequence[EditTarget], batch: TokenBatch) -> StepFeaturesLike:
+        """The step's first features. With later passes to come, the layers below the edited ones run once for
+        the whole step: the features are read with them skipped (:class:`rledit.prefix.Prefix`; the same
+        numbers), and :meth:`compute_step` starts every later pass from the hidden state computed here."""
+        self.lower_hidden = None
+        prefix = Prefix.for_targets(model, targets) if getattr(self.hparams, "passes", 1) > 1 else None
+        if prefix is None:
+            return super().capture(model, targets, batch)
+        batch = prefix.attach(batch)
+        with prefix.skipped():
+            features = capture_features(model, targets, batch)
+        self.lower_hidden = batch
+        return features
+
+    def captured_prefix(self, plain: TokenBatch) -> TokenBatch | None:
+        """``plain`` carrying the hidden state :meth:`capture` computed for the same rows, or None when it did
+        not (the later passes then compute it); used once."""
+        captured, self.lower_hidden = self.lower_hidden, None
+        same_rows = (captured is not None and captured.input_ids.shape == plain.input_ids.shape
+                     and torch.equal(captured.input_ids, plain.input_ids)
+                     and torch.equal(captured.attention_mask, plain.attention_mask))
+        return replace(plain, inputs_embeds=captured.inputs_embeds) if same_rows else None
 
     def pass_batches(self, tokenizer: Any, requests: Sequence[EditRequest], plain: TokenBatch) -> list[TokenBatch]:
         """The edit batch of each pass after the first (none with one pass): ``plain`` (the requests' prompts and
