@@ -132,7 +132,7 @@ def encode(
     ``max_length`` (e.g. the model's context size) turns an over-long row into a :class:`TokenizationError`
     naming the row; nothing is ever truncated silently. ``padding_side`` overrides the tokenizer's; results
     do not depend on it (positions count real tokens only), but ``"left"`` puts every row's answer at the
-    end, which lets :func:`answer_logits` compute the vocabulary projection on the last few positions only.
+    end, which lets :func:`answer_logits` hand the output layer the last few positions only.
     """
     if isinstance(prompts, str):
         raise TokenizationError("prompts must be a sequence of strings, not one string")

@@ -3,9 +3,9 @@
 Every (prompt, answer) pair is tokenised by :func:`rledit.tokens.encode` (the one place that knows about the
 leading space, BOS and padding side). For each pair this returns, at the positions that predict the answer's
 tokens, the model's argmax token and the log-probability of the answer token. Identical pairs are computed
-once. Batches are left-padded, so every row's answer ends the row and only the last max(answer length)
-positions go through the output layer (:func:`rledit.tokens.answer_logits`): the vocabulary projection at
-every prompt position, most of a small model's scoring time, is never computed. Under several processes the pairs
+once. Batches are left-padded, so every row's answer ends the row, and only the answer positions go through
+the output layer (:func:`rledit.tokens.answer_logits`): the vocabulary projection at every prompt position,
+most of a small model's scoring time, is never computed. Under several processes the pairs
 are shared out and the predictions gathered (:mod:`rledit.distributed`). Nothing here changes the model.
 """
 
