@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rledit.targets import EditTarget
-from rledit.tokens import TokenBatch, answer_logits
+from rledit.tokens import TokenBatch, answer_logits, model_inputs
 
 
 class FeatureError(ValueError):
@@ -150,6 +150,30 @@ def capture_features(model: nn.Module, targets: Sequence[EditTarget], batch: Tok
         else:
             grad_rows[name] = (grad if differentiable else grad.detach())[mask].float()
     return StepFeatures(keys=keys, grads=grad_rows, loss=float(loss.detach()), n_tokens=int(mask.sum()))
+
+
+@torch.no_grad()
+def capture_keys(model: nn.Module, targets: Sequence[EditTarget], batch: TokenBatch) -> dict[str, torch.Tensor]:
+    """The keys alone (module name -> (N, d_in), fp32) at ``batch``'s key positions: one forward, no backward
+    (the last position only reaches the output layer)."""
+    mask = batch.key_mask.to(next(model.parameters()).device)
+    keys: dict[str, torch.Tensor] = {}
+
+    def make_hook(target: EditTarget):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            keys[target.name] = args[0][mask].float()
+        return hook
+
+    handles = [t.module.register_forward_hook(make_hook(t)) for t in targets]
+    try:
+        model(**model_inputs(model, batch), use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [t.name for t in targets if t.name not in keys]
+    if missing:
+        raise FeatureError(f"targets {missing} did not run in the forward; are they in the model?")
+    return keys
 
 
 def capture_bytes(model: nn.Module, targets: Sequence[EditTarget], batch: TokenBatch) -> int:

@@ -285,7 +285,7 @@ def test_the_passes_of_a_step_run_the_unedited_layers_once_and_give_the_same_upd
         assert editor.targets[0].layer > 0  # there are unedited layers below the edited ones
         lowest = editor.model.model.layers[0]
         runs_of_lowest = []
-        lowest.register_forward_hook(lambda module, args, output: runs_of_lowest.append(1))
+        lowest.register_forward_hook(lambda module, args, output, runs=runs_of_lowest: runs.append(1))
         editor.apply(requests[:2])
         editor.apply(requests[2:])
         # with the prefix: once per step (the first capture's, reused by both later passes); without: every pass
@@ -390,3 +390,28 @@ def test_a_rank_limited_c0_keeps_its_leading_directions_and_the_editor_reports_i
         assert not torch.allclose(limited.model(input_ids=ids).logits, before)
     with pytest.raises(ValueError, match="corpus_rank"):
         RLEditHparams(corpus_rank=0)
+
+
+def test_contrast_rows_put_each_edit_in_other_subjects_and_keep_their_outputs(tokenizer):
+    from rledit.hooks import capture_keys
+
+    requests = load_requests("zsre", "train", limit=3)
+    editor = _editor(tokenizer, memory_init=1.0, contrast_subjects=1, contrast_weight=1e4)
+    contrast = editor.method.contrast_requests(requests)
+    assert [c.subject for c in contrast] == [requests[1].subject, requests[2].subject, requests[0].subject]
+    assert contrast[0].prompt == requests[0].prompt.replace(requests[0].subject, requests[1].subject)
+    assert all(c.target_new == r.target_new for c, r in zip(contrast, requests))
+    batch = editor.method.marked(tokenizer, contrast, editor.method.plain_batch(tokenizer, contrast))
+    contrast_keys = capture_keys(editor.model, editor.targets, batch)  # before the edit, as the step reads them
+
+    moved = {}
+    for weight in (None, 1e4):
+        editor = _editor(tokenizer, memory_init=1.0, **({} if weight is None else
+                                                       {"contrast_subjects": 1, "contrast_weight": weight}))
+        editor.apply(requests)
+        moved[weight] = sum(float((contrast_keys[t.name] @ editor.store.delta(t.name)).norm()) for t in editor.targets)
+        assert editor.method.contrast_keys == {} and editor.method.contrast_inverses == {}  # one step's only
+    assert moved[1e4] < 1e-3 * moved[None]  # the contrast prompts' outputs barely move
+
+    with pytest.raises(ValueError, match="contrast_subjects"):
+        RLEditHparams(contrast_subjects=-1)

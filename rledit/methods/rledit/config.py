@@ -206,6 +206,13 @@ class RLEditHparams:
             read from its bare prompt and from the prompt after every prefix, one row each, so every pass fits
             the edit in all those contexts (rows = edits × (1 + prefixes)). ``[]`` (default): the bare prompt.
         context_seed, context_top_k: the prefixes' sampling seed and top-k (as MEMIT's).
+        contrast_subjects: at edit time, each edit's prompt is also read with ``contrast_subjects`` other subjects
+            in its subject's place (those of the step's next edits, in turn), continued by the edit's new target:
+            prompts that look like the edit but must not take it (CounterFact's neighbourhood, zsRE's
+            same-relation questions). Their keys, at the edit's key positions, join the step's solve as rows
+            whose outputs must not move, weighted by ``contrast_weight``: A grows by w·K_cᵀK_c for the step's
+            passes. 0 (default): none. Every edit's subject must occur in its prompt.
+        contrast_weight: w, the weight of a contrast row against an edit row (1: as much as keeping it).
         device: where the hypernetwork, its key memory and C_0 live and the solve runs, e.g. ``cuda:0``
             (None: the device of the model's first parameter). Features come to it from each edited module's
             device and the factors go back to that module's device, so a model placed across devices with a
@@ -233,6 +240,8 @@ class RLEditHparams:
     context_lengths: list[list[int]] = field(default_factory=list)
     context_seed: int = 0
     context_top_k: int = 5
+    contrast_subjects: int = 0
+    contrast_weight: float = 1.0
     device: str | None = None
     train: TrainHparams = field(default_factory=TrainHparams)
 
@@ -263,6 +272,8 @@ class RLEditHparams:
         self.context_lengths = [list(pair) for pair in self.context_lengths]
         check_context_lengths(self.context_lengths)
         _require(self.context_top_k >= 1, f"context_top_k must be >= 1, got {self.context_top_k}")
+        _require(self.contrast_subjects >= 0, f"contrast_subjects must be >= 0, got {self.contrast_subjects}")
+        _require(self.contrast_weight > 0, f"contrast_weight must be > 0, got {self.contrast_weight}")
         _require(self.corpus_positions in CORPUS_POSITIONS,
                  f"corpus_positions must be one of {CORPUS_POSITIONS}, got {self.corpus_positions!r}")
         _require(self.corpus_rank is None or self.corpus_rank >= 1,

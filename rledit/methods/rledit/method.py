@@ -28,13 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from rledit.hooks import capture_features
+from rledit.hooks import capture_features, capture_keys
 from rledit.methods.base import EditMethod, StepFeaturesLike, UpdateError, check_updates, register_method
 from rledit.methods.memory import KeyMemory, split_memory_state
 from rledit.methods.rledit.config import MALMENHparams, RLEditHparams
 from rledit.methods.rledit.net import HyperNetwork
 from rledit.methods.rledit.solve import (
     PenaltyInverses,
+    inverse_with_keys,
     leading_part,
     ridge_factors,
     ridge_system,
@@ -43,7 +44,7 @@ from rledit.methods.rledit.solve import (
 from rledit.methods.runtime import temporary_store
 from rledit.prefix import Prefix
 from rledit.targets import EditTarget
-from rledit.tokens import TokenBatch, context_length, encode_after_prefixes, with_subject_keys
+from rledit.tokens import TokenBatch, check_subjects, context_length, encode_after_prefixes, with_subject_keys
 from rledit.types import EditRequest
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (U, V) of one module's update, ΔW = U V
@@ -70,6 +71,8 @@ class RLEditMethod(EditMethod):
         self.inverses = PenaltyInverses()  # A⁻¹ per module at edit time (rledit.methods.rledit.solve)
         self.prefixes: list[str] = [""]  # context prefixes of the edit rows ("" = the bare prompt), see prepare()
         self.lower_hidden: TokenBatch | None = None  # what capture() left for this step's later passes
+        self.contrast_keys: dict[str, torch.Tensor] = {}  # this step's contrast rows' keys (contrast_subjects)
+        self.contrast_inverses: dict[str, torch.Tensor] = {}  # (A + w K_cᵀK_c)⁻¹ of this step, per module
 
     def prepare(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget]) -> None:
         """Build the hypernetwork for ``targets`` (or check that the loaded one fits them) on the model's
@@ -165,8 +168,13 @@ class RLEditMethod(EditMethod):
         edit time, without gradients, through the kept inverse of A when the solve has a penalty)."""
         net = self.hypernet
         shifts = value_shifts(keys, edited_keys, edited_grads, net.lr(name))
-        if self._penalised() and not torch.is_grad_enabled():
+        if (self._penalised() or self.contrast_keys) and not torch.is_grad_enabled():
             inverse = self.inverses.get(name, self.scalars(name), lambda: self.system(name))
+            if self.contrast_keys:
+                if name not in self.contrast_inverses:
+                    self.contrast_inverses[name] = inverse_with_keys(inverse, self.contrast_keys[name],
+                                                                     self.hparams.contrast_weight)
+                inverse = self.contrast_inverses[name]
             return ridge_factors(keys, shifts, net.ridge(name), inverse=inverse)
         return ridge_factors(keys, shifts, net.ridge(name), self.penalty(name))
 
@@ -262,15 +270,41 @@ class RLEditMethod(EditMethod):
         features, then :meth:`later_passes`. The layers below the lowest edited one do not change between
         passes: they run once, and each later pass runs only the layers from the edited ones up
         (:class:`rledit.prefix.Prefix`, where the architecture allows)."""
-        updates = super().compute_step(model, tokenizer, targets, requests, features)
-        if getattr(self.hparams, "passes", 1) == 1:  # MEND (a subclass) has one pass
-            return updates
-        plain = self.plain_batch(tokenizer, requests, context_length(model))
-        prefix = Prefix.for_targets(model, targets)  # the layers below the edited ones: computed once for all passes
-        if prefix is not None:
-            plain = self.captured_prefix(plain) or prefix.attach(plain)
-        with prefix.skipped() if prefix is not None else nullcontext():
-            return self.later_passes(model, targets, self.pass_batches(tokenizer, requests, plain), updates)
+        contrast = self.contrast_requests(requests) if not torch.is_grad_enabled() else []
+        if contrast:
+            batch = self.marked(tokenizer, contrast, self.plain_batch(tokenizer, contrast, context_length(model)))
+            self.contrast_keys = capture_keys(model, targets, batch)
+        try:
+            updates = super().compute_step(model, tokenizer, targets, requests, features)
+            if getattr(self.hparams, "passes", 1) == 1:  # MEND (a subclass) has one pass
+                return updates
+            plain = self.plain_batch(tokenizer, requests, context_length(model))
+            prefix = Prefix.for_targets(model, targets)  # the layers below the edited ones: once for all passes
+            if prefix is not None:
+                plain = self.captured_prefix(plain) or prefix.attach(plain)
+            with prefix.skipped() if prefix is not None else nullcontext():
+                return self.later_passes(model, targets, self.pass_batches(tokenizer, requests, plain), updates)
+        finally:
+            self.contrast_keys, self.contrast_inverses = {}, {}
+
+    def contrast_requests(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
+        """Each edit's prompt with the subjects of the step's next ``contrast_subjects`` edits (in turn) in its
+        subject's place, continued by its new target: prompts that look like the edit and must not take it
+        (none unless ``contrast_subjects`` > 0; see :class:`RLEditHparams`)."""
+        count = min(getattr(self.hparams, "contrast_subjects", 0), len(requests) - 1)
+        if count <= 0:
+            return []
+        check_subjects(requests, f"{self.name} with contrast_subjects", "set contrast_subjects: 0 to edit without")
+        contrast = []
+        for i, request in enumerate(requests):
+            subject = request.subject.strip()
+            start = request.prompt.lower().find(subject.lower())
+            for j in range(1, count + 1):
+                other = requests[(i + j) % len(requests)].subject.strip()
+                if other.lower() != subject.lower():
+                    prompt = request.prompt[:start] + other + request.prompt[start + len(subject):]
+                    contrast.append(EditRequest(prompt=prompt, target_new=request.target_new, subject=other))
+        return contrast
 
     def capture(self, model: nn.Module, targets: Sequence[EditTarget], batch: TokenBatch) -> StepFeaturesLike:
         """The step's first features. With later passes to come, the layers below the edited ones run once for

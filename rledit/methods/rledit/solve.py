@@ -85,6 +85,16 @@ def factored_frobenius_sq(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return ((u.T @ u) * (v @ v.T)).sum()
 
 
+def inverse_with_keys(inverse: torch.Tensor, keys: torch.Tensor, weight: float) -> torch.Tensor:
+    """(A + w KᵀK)⁻¹ from A⁻¹ (fp64, d_in × d_in) and keys K (N, d_in), by Woodbury:
+    A⁻¹ - A⁻¹Kᵀ (I/w + K A⁻¹ Kᵀ)⁻¹ K A⁻¹, O(d_in² N); symmetrised."""
+    keys64 = keys.to(inverse.device, torch.float64)
+    left = inverse @ keys64.T
+    inner = keys64 @ left + torch.eye(len(keys64), dtype=torch.float64, device=inverse.device) / weight
+    updated = inverse - left @ torch.linalg.solve(inner, left.T)
+    return (updated + updated.T) / 2
+
+
 Scalars = tuple[float, float, float]  # (λ, β, α) of one module, the values A⁻¹ was built for
 
 
@@ -118,12 +128,7 @@ class PenaltyInverses:
         beta = scalars[1]
         if entry is None or entry[0] != scalars or beta <= 0:
             return
-        inverse = entry[1]
-        keys64 = keys.to(inverse.device, torch.float64)
-        left = inverse @ keys64.T
-        inner = keys64 @ left + torch.eye(len(keys64), dtype=torch.float64, device=inverse.device) / beta
-        updated = inverse - left @ torch.linalg.solve(inner, left.T)
-        self.entries[name] = (scalars, (updated + updated.T) / 2)
+        self.entries[name] = (scalars, inverse_with_keys(entry[1], keys, beta))
 
     def clear(self) -> None:
         """Drop every entry (the memory changed in a way :meth:`add_keys` does not follow)."""
