@@ -244,9 +244,10 @@ def answer_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
         if handle is not None:
             handle.remove()
     if handle is not None:
-        if out.logits.shape[:-1] != (int(mask.sum()),):
+        n_answers = int(mask.sum())
+        if out.logits.shape[:-1] != (n_answers,):
             raise TokenizationError(f"the output layer of {type(model).__name__} did not give one row of logits per "
-                                    f"answer token ({tuple(out.logits.shape)} for {int(mask.sum())} answer tokens)")
+                                    f"answer token ({tuple(out.logits.shape)} for {n_answers} answer tokens)")
         return out.logits
     return out.logits[:, -keep:][kept_answers.to(out.logits.device)]
 

@@ -324,8 +324,7 @@ class RLEditMethod(EditMethod):
         """``plain`` carrying the hidden state :meth:`capture` computed for the same rows, or None when it did
         not (the later passes then compute it); used once."""
         captured, self.lower_hidden = self.lower_hidden, None
-        same_rows = (captured is not None and captured.input_ids.shape == plain.input_ids.shape
-                     and torch.equal(captured.input_ids, plain.input_ids)
+        same_rows = (captured is not None and torch.equal(captured.input_ids, plain.input_ids)
                      and torch.equal(captured.attention_mask, plain.attention_mask))
         return replace(plain, inputs_embeds=captured.inputs_embeds) if same_rows else None
 
