@@ -1,8 +1,10 @@
 """Write a trained editor with its learned per-module scalars re-set: hparams overrides (e.g. the memory-aware
 solve's ``memory_init`` / ``corpus_init`` for an editor trained without it) and multipliers of its step size,
 β, α and e^λ, as chosen by benchmarks/validation_sweep.py on training data. The network is not changed.
+Without ``--checkpoint`` it writes the untrained (identity-initialised) ``--method`` editor of ``--layers`` /
+``--modules`` with the overrides as its hparams: a rule chosen on validation data, saved to load by name.
 
-    .venv/bin/python benchmarks/retune_scalars.py --checkpoint smollm2-135m-zsre \\
+    .venv/bin/python benchmarks/retune_scalars.py --checkpoint benchmarks/results/editors-v1/smollm2-135m-zsre \\
         --setting '{"memory_init": 1.0, "corpus_init": 1000.0, "corpus": "zsre-train-questions",
                     "stats_samples": 4000, "scale": {"lr": 3}}' \\
         --chosen-on benchmarks/results/sweeps/retune --out benchmarks/results/training/zsre-retuned
@@ -17,13 +19,17 @@ import sys
 
 from validation_sweep import scale_scalars
 
+from rledit.checkpoints import read_checkpoint
 from rledit.editor import Editor
-from rledit.models import load_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="trained editor to start from (name or folder)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="trained editor to start from (name or folder; default: the untrained --method editor)")
+    parser.add_argument("--method", default="rledit", help="the method without --checkpoint")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="edited layers without --checkpoint")
+    parser.add_argument("--modules", nargs="+", default=None, help="edited modules without --checkpoint")
     parser.add_argument("--setting", required=True, help="JSON hparams overrides, with an optional 'scale'")
     parser.add_argument("--chosen-on", required=True, help="the validation sweep the setting was chosen on")
     parser.add_argument("--model", default="smollm2-135m")
@@ -31,11 +37,17 @@ def main() -> None:
     args = parser.parse_args()
     overrides = json.loads(args.setting)
     scale = overrides.pop("scale", {})
-    loaded = load_model(args.model)
-    editor = Editor.from_pretrained(loaded.model, tokenizer=loaded.tokenizer, checkpoint=args.checkpoint,
-                                    hparams=overrides or None)
+    if args.checkpoint is not None and (args.layers or args.modules):
+        raise SystemExit("--layers/--modules pick an untrained editor's modules; a checkpoint fixes its own")
+    if args.checkpoint is None:
+        editor = Editor.from_pretrained(args.model, method=args.method, hparams=overrides or None,
+                                        layers=args.layers, modules=args.modules)
+    else:
+        editor = Editor.from_pretrained(args.model, checkpoint=args.checkpoint, hparams=overrides or None)
     scale_scalars(editor.method.hypernet, scale)
-    editor.save_checkpoint(args.out, extra={"retuned_from": args.checkpoint, "overrides": overrides,
+    source = args.checkpoint or f"untrained {args.method}"
+    trained = read_checkpoint(args.checkpoint).extra if args.checkpoint else {}
+    editor.save_checkpoint(args.out, extra={"retuned_from": source, "trained": trained, "overrides": overrides,
                                             "scale": scale, "chosen_on": args.chosen_on,
                                             "command": shlex.join(sys.argv),
                                             "scalars": editor.method.hypernet.scalars()})

@@ -15,6 +15,34 @@ retune() {
     --chosen-on "benchmarks/results/sweeps/$3" --out "benchmarks/results/training/$4"
 }
 
+# Shipped editors (rledit/editors/README.md): the RL-trained zsRE networks of benchmarks/results/editors-v1 with the
+# rule of experiment log entry 8, and the untrained CounterFact rule of entry 19. Written to runs/shipped/NAME,
+# then their checkpoint files copied into rledit/editors/NAME (which also holds the networks' training logs).
+V1=benchmarks/results/editors-v1
+ship() {  # ship NAME SWEEP SETTING RETUNE_SCALARS_ARGS...
+  local name=$1 sweep=$2 setting=$3; shift 3
+  .venv/bin/python benchmarks/retune_scalars.py "$@" --setting "$setting" \
+    --chosen-on "benchmarks/results/sweeps/$sweep" --out "runs/shipped/$name"
+  cp "runs/shipped/$name/checkpoint.json" "runs/shipped/$name/checkpoint.safetensors" "rledit/editors/$name/"
+}
+ZSRE_RULE='{"memory_init": 1.0, "corpus_init": 1000.0, "corpus": "zsre-train-questions", "stats_samples": 4000, "passes": 6, "refine": "gradient", "scale": {"ridge": 0.1, "alpha": 0.6, "beta": 1.0}}'
+ship smollm2-135m-zsre passes "$ZSRE_RULE" --checkpoint $V1/smollm2-135m-zsre
+ship smollm2-135m-zsre-malmen passes "$ZSRE_RULE" --checkpoint $V1/smollm2-135m-zsre-malmen
+ship smollm2-135m-counterfact layers-1000/sweep-cf-seven-L12-15-18-21-lr022.md \
+  '{"lambda_init": -2.12, "memory_init": 1.0, "corpus_init": 300.0, "corpus": "counterfact-train-facts", "stats_samples": 6000, "refine": "gradient", "key_positions": "subject", "lr_init": 0.22, "passes": 7, "pass_positions": ["subject", "subject", "subject", "subject", "subject", "subject"]}' \
+  --layers 12 13 14 15 18 19 20 21 --modules down_proj
+# The rows those editors' predecessors scored under the same names, kept in editors-v1 (its README.md)
+bench --data zsre --steps 50 --batch 20 --eval-every 25 --protocols zsre-token-acc@1 --out $V1/zsre-50x20 \
+  --methods rledit:$V1/smollm2-135m-zsre,malmen:$V1/smollm2-135m-zsre-malmen
+bench --data zsre --steps 10 --batch 20 --eval-every 5 --protocols zsre-token-acc@1 --out $V1/zsre-10x20 \
+  --methods rledit:$V1/smollm2-135m-zsre,malmen:$V1/smollm2-135m-zsre-malmen
+bench --data zsre --steps 50 --batch 20 --timing end --protocols zsre-token-acc@2 zsre-token-acc@1 --out $V1/zsre-50x20-v2 \
+  --methods rledit:$V1/smollm2-135m-zsre
+bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out $V1/counterfact-50x20 \
+  --methods rledit:$V1/smollm2-135m-counterfact,malmen:$V1/smollm2-135m-zsre-malmen
+bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-prob@1 --out $V1/counterfact-100x20 \
+  --methods rledit:$V1/smollm2-135m-counterfact,malmen:$V1/smollm2-135m-zsre-malmen
+
 # The MEMIT and AlphaEdit rows below were made before context prefixes and the energy-share null space: BARE_MEMIT
 # and BARE_ALPHAEDIT reproduce them (bare prompts, the published absolute threshold 2e-2); the faithful defaults
 # are benchmarked at the end of this file
@@ -35,6 +63,14 @@ bench "${CF[@]}" --methods rledit:smollm2-135m-counterfact,rledit,ultraedit
 bench "${CF[@]}" --methods malmen:smollm2-135m-zsre-malmen,mend,ft
 bench "${CF[@]}" --methods memit --layers 18 19 20 21 "${BARE_MEMIT[@]}"
 bench "${CF[@]}" --methods alphaedit --layers 18 19 20 21 "${BARE_ALPHAEDIT[@]}"
+
+# zsRE eval, 10 steps x 20 edits (the RL editor's training horizon), retention curve every 5 steps
+bench --data zsre --steps 10 --batch 20 --eval-every 5 --protocols zsre-token-acc@1 --out benchmarks/results/zsre-10x20 \
+  --methods rledit:smollm2-135m-zsre,malmen:smollm2-135m-zsre-malmen,rledit,ultraedit
+bench --data zsre --steps 10 --batch 20 --eval-every 5 --protocols zsre-token-acc@1 --out benchmarks/results/zsre-10x20 \
+  --methods memit --layers 18 19 20 21 "${BARE_MEMIT[@]}"
+bench --data zsre --steps 10 --batch 20 --eval-every 5 --protocols zsre-token-acc@1 --out benchmarks/results/zsre-10x20 \
+  --methods alphaedit --layers 18 19 20 21 "${BARE_ALPHAEDIT[@]}"
 
 # 2,000 sequential edits: CounterFact edit split, 100 steps x 20 edits, retention curve every 50 steps. (zsRE
 # cannot run 100 x 20: the bundled eval split holds 1,037 records, and both zsRE eval files together 1,570 distinct
@@ -66,25 +102,26 @@ bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-memory-c0-ep1
   --label "rledit:zsre-memory-c0-ep1 (1 episode of 50 x 20)"
 # the shipped editor with its scalars re-set for the memory solve (chosen on benchmarks/results/sweeps/retune/)
 MEMORY='{"memory_init": 1.0, "corpus_init": 1000.0, "corpus": "zsre-train-questions", "stats_samples": 4000'
-retune smollm2-135m-zsre "$MEMORY, \"scale\": {\"lr\": 3}}" retune zsre-retuned-lr3
+retune $V1/smollm2-135m-zsre "$MEMORY, \"scale\": {\"lr\": 3}}" retune zsre-retuned-lr3
 bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-lr3 \
   --label "rledit:zsre-retuned-lr3 (shipped editor, beta 1, alpha 1e3, lr x3)"
-retune smollm2-135m-zsre "$MEMORY, \"scale\": {\"ridge\": 0.1, \"alpha\": 0.1, \"beta\": 0.1}}" retune zsre-retuned-fit
+retune $V1/smollm2-135m-zsre "$MEMORY, \"scale\": {\"ridge\": 0.1, \"alpha\": 0.1, \"beta\": 0.1}}" retune zsre-retuned-fit
 bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-fit \
   --label "rledit:zsre-retuned-fit (shipped editor, beta 0.1, alpha 100, ridge x0.1)"
 
-# CounterFact 50 x 20: the shipped CounterFact editor with the memory solve
-bench "${CF[@]}" --methods rledit:smollm2-135m-counterfact --set method.memory_init=1.0 \
+# CounterFact 50 x 20: the CounterFact editor shipped before (editors-v1) with the memory solve
+bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out $V1/counterfact-50x20 \
+  --methods rledit:$V1/smollm2-135m-counterfact --set method.memory_init=1.0 \
   --label "rledit:smollm2-135m-counterfact + memory (beta 1)"
-retune smollm2-135m-counterfact '{"memory_init": 1.0, "scale": {"ridge": 0.1, "beta": 0.1}}' retune counterfact-retuned-fit
+retune $V1/smollm2-135m-counterfact '{"memory_init": 1.0, "scale": {"ridge": 0.1, "beta": 0.1}}' retune counterfact-retuned-fit
 bench "${CF[@]}" --methods rledit:benchmarks/results/training/counterfact-retuned-fit \
   --label "rledit:counterfact-retuned-fit (memory beta 0.1, ridge x0.1)"
 
 # Edit passes with the memory at beta 1 (experiment log entry 8; chosen on benchmarks/results/sweeps/passes/)
-retune smollm2-135m-zsre "$MEMORY, \"passes\": 6, \"refine\": \"gradient\", \"scale\": {\"ridge\": 0.1, \"alpha\": 0.6, \"beta\": 1.0}}" passes zsre-retuned-passes
+retune $V1/smollm2-135m-zsre "$MEMORY, \"passes\": 6, \"refine\": \"gradient\", \"scale\": {\"ridge\": 0.1, \"alpha\": 0.6, \"beta\": 1.0}}" passes zsre-retuned-passes
 bench "${V2[@]}" --general --methods rledit:benchmarks/results/training/zsre-retuned-passes \
   --label "rledit:zsre-retuned-passes (6 passes, beta 1, alpha 600)"
-retune smollm2-135m-counterfact '{"memory_init": 1.0, "corpus_init": 1.0, "corpus": "counterfact-train-facts", "stats_samples": 6000, "passes": 4, "refine": "gradient", "scale": {"ridge": 0.1, "beta": 1.0, "alpha": 100}}' passes counterfact-retuned-passes
+retune $V1/smollm2-135m-counterfact '{"memory_init": 1.0, "corpus_init": 1.0, "corpus": "counterfact-train-facts", "stats_samples": 6000, "passes": 4, "refine": "gradient", "scale": {"ridge": 0.1, "beta": 1.0, "alpha": 100}}' passes counterfact-retuned-passes
 bench "${CF[@]}" --methods rledit:benchmarks/results/training/counterfact-retuned-passes \
   --label "rledit:counterfact-retuned-passes (4 passes, beta 1, C0 alpha 100)"
 
@@ -99,7 +136,7 @@ done
 
 # The same rule (6 edit passes, beta 1, C_0 alpha 600) with the MALMEN-style editor and the untrained one: does the
 # RL objective earn its place? (the MALMEN editor's scalars re-set exactly as zsre-retuned-passes' were)
-retune smollm2-135m-zsre-malmen "$MEMORY, \"passes\": 6, \"refine\": \"gradient\", \"scale\": {\"ridge\": 0.1, \"alpha\": 0.6, \"beta\": 1.0}}" passes malmen-retuned-passes
+retune $V1/smollm2-135m-zsre-malmen "$MEMORY, \"passes\": 6, \"refine\": \"gradient\", \"scale\": {\"ridge\": 0.1, \"alpha\": 0.6, \"beta\": 1.0}}" passes malmen-retuned-passes
 bench "${V2[@]}" --methods malmen:benchmarks/results/training/malmen-retuned-passes \
   --label "malmen:malmen-retuned-passes (same rule: 6 passes, beta 1, alpha 600)"
 bench "${V2[@]}" --methods rledit --set method.lr_init=0.045 method.lambda_init=-2.12 method.memory_init=1.0 \
@@ -129,7 +166,7 @@ bench "${FAITHFUL[@]}" --methods memit --layers 18 19 20 21
 
 # C_0 over the answer positions of its questions only (experiment log entry 10; chosen on
 # benchmarks/results/sweeps/positions/sweep-c0-answers.md): zsre-retuned-passes with corpus_positions answers, alpha x 0.3
-retune smollm2-135m-zsre "$MEMORY, \"passes\": 6, \"refine\": \"gradient\", \"corpus_positions\": \"answers\", \"scale\": {\"ridge\": 0.1, \"alpha\": 0.18, \"beta\": 1.0}}" positions zsre-retuned-answers
+retune $V1/smollm2-135m-zsre "$MEMORY, \"passes\": 6, \"refine\": \"gradient\", \"corpus_positions\": \"answers\", \"scale\": {\"ridge\": 0.1, \"alpha\": 0.18, \"beta\": 1.0}}" positions zsre-retuned-answers
 bench "${V2[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-answers \
   --label "rledit:zsre-retuned-answers (6 passes, beta 1, C0 at answer positions, alpha 180)"
 

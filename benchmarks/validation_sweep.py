@@ -9,7 +9,7 @@ A setting may also hold ``"scale": {"lr": x, "alpha": y, "beta": z, "ridge": w}`
 editor's learned per-module scalars after it is loaded (a trained editor's own lr, α, β, e^λ; hparams
 overrides only reach scalars that the checkpoint does not hold), to map the efficacy/locality trade-off.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/validation_sweep.py --checkpoint smollm2-135m-zsre \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/validation_sweep.py --checkpoint benchmarks/results/editors-v1/smollm2-135m-zsre \\
         --setting '{}' --setting '{"memory_init": 1.0}' --out benchmarks/results/sweeps/memory
 """
 
