@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import yaml
 import rledit
 from rledit.editor import Editor
 from rledit.eval.forced import predict_answers
-from rledit.files import write_text_atomically
+from rledit.files import command_line, write_text_atomically
 from rledit.models import load_model
 
 FACT = {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "English"}
@@ -104,7 +102,7 @@ def main() -> None:
         rows.append({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
         print({k: v for k, v in rows[-1].items() if k not in ("prefixes", "hparams", "setup")}, flush=True)
     out = Path(args.out)
-    summary = {"format": "rledit-context-prefix-check@1", "command": shlex.join(sys.argv), "model": args.model,
+    summary = {"format": "rledit-context-prefix-check@1", "command": command_line(), "model": args.model,
                "overrides": common,
                "layers": args.layers, "modules": ["down_proj"], "fact": FACT, "paraphrases": PARAPHRASES,
                "neighbours": NEIGHBOURS, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -112,7 +110,7 @@ def main() -> None:
     write_text_atomically(out / "check.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     columns = ["efficacy", "efficacy_prob", "generalization", "generalization_prob", "neighborhood"]
     title = (f"Single edit on {args.model} (down_proj, layers {args.layers}): {FACT['prompt']!r} -> "
-             f"{FACT['target_new']!r}, ten paraphrases, five neighbours (`{shlex.join(sys.argv)}`)")
+             f"{FACT['target_new']!r}, ten paraphrases, five neighbours (`{command_line()}`)")
     lines = [title, "",
              "| setting | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     lines += ["| " + r["setting"] + " | " + " | ".join(f"{r[c]:.1f}" if c in r else "" for c in columns) + " |"

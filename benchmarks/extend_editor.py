@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 
 import torch
 from validation_sweep import SCALARS, scale_scalars
 
 from rledit.checkpoints import read_checkpoint
 from rledit.editor import Editor
+from rledit.files import command_line
 from rledit.methods.memory import split_memory_state
 from rledit.methods.rledit.net import HyperNetwork
 from rledit.models import load_model
@@ -83,7 +82,7 @@ def main() -> None:
     scale = json.loads(args.scale)
     scale_scalars(wider.method.hypernet, scale)
     wider.save_checkpoint(args.out, extra={"extended_from": args.checkpoint, "new_modules": new_modules,
-                                           "scale": scale, "command": shlex.join(sys.argv),
+                                           "scale": scale, "command": command_line(),
                                            "scalars": wider.method.hypernet.scalars()})
     print(f"wrote {args.out}: new modules {new_modules}; scalars {wider.method.hypernet.scalars()}")
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import rledit
 from rledit.bench import floor_seconds
 from rledit.data import load_requests
 from rledit.editor import Editor
-from rledit.files import write_text_atomically
+from rledit.files import command_line, write_text_atomically
 from rledit.models import load_model
 from rledit.prefix import Prefix
 
@@ -67,7 +65,7 @@ def main() -> None:
     median_floor = statistics.median(floor)
     rows = [{"passes": way, "seconds_per_step": round(statistics.median(s), 3),
              "apply_over_floor": round(statistics.median(s) / median_floor, 2)} for way, s in seconds.items()]
-    summary = {"format": "rledit-passes-cost@1", "command": shlex.join(sys.argv), "checkpoint": args.checkpoint,
+    summary = {"format": "rledit-passes-cost@1", "command": command_line(), "checkpoint": args.checkpoint,
                "passes": a.method.hparams.passes, "steps": args.steps, "batch": args.batch,
                "floor_seconds_per_step": round(median_floor, 3), "max_relative_difference": float(f"{worst:.3g}"),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "version": rledit.__version__,

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 
 from validation_sweep import scale_scalars
 
 from rledit.checkpoints import read_checkpoint
 from rledit.editor import Editor
+from rledit.files import command_line
 
 
 def main() -> None:
@@ -49,7 +48,7 @@ def main() -> None:
     trained = read_checkpoint(args.checkpoint).extra if args.checkpoint else {}
     editor.save_checkpoint(args.out, extra={"retuned_from": source, "trained": trained, "overrides": overrides,
                                             "scale": scale, "chosen_on": args.chosen_on,
-                                            "command": shlex.join(sys.argv),
+                                            "command": command_line(),
                                             "scalars": editor.method.hypernet.scalars()})
     print(f"wrote {args.out}: scalars {editor.method.hypernet.scalars()}")
 

@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import rledit
-from rledit.files import write_text_atomically
+from rledit.files import command_line, write_text_atomically
 from rledit.methods.rledit.solve import PenaltyInverses, ridge_factors
 
 
@@ -103,7 +101,7 @@ def main() -> None:
     for d_in in args.dims:
         rows.append(measure(d_in, args.tokens, args.passes, args.steps, args.d_out, args.device))
         print(rows[-1], flush=True)
-    summary = {"format": "rledit-solve-cost@1", "command": shlex.join(sys.argv), "device": args.device,
+    summary = {"format": "rledit-solve-cost@1", "command": command_line(), "device": args.device,
                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                "version": rledit.__version__, "seed": "d_in", "rows": rows}
     out = Path(args.out)

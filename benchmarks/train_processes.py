@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import rledit
-from rledit.files import write_text_atomically
+from rledit.files import command_line, write_text_atomically
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
                      "seconds": round(seconds, 1), "episodes_per_minute": round(60 * total / seconds, 3),
                      "command": shlex.join(command)})
         print(rows[-1], flush=True)
-    summary = {"format": "rledit-train-processes@1", "command": shlex.join(sys.argv), "hparams": args.hparams,
+    summary = {"format": "rledit-train-processes@1", "command": command_line(), "hparams": args.hparams,
                "overrides": settings, "seed": 0, "torch": torch.__version__, "version": rledit.__version__,
                "cpu_count": os.cpu_count(), "rows": rows}
     out = Path(args.out)

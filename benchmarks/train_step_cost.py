@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 import rledit
 from rledit.data import load_requests
 from rledit.editor import Editor
-from rledit.files import write_text_atomically
+from rledit.files import command_line, write_text_atomically
 from rledit.hooks import capture_features
 from rledit.hparams import load_hparams
 from rledit.methods.rledit.trainer import RLEditTrainer
@@ -75,7 +73,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"format": "rledit-train-cost@1", "command": shlex.join(sys.argv), "hparams": args.hparams,
+    summary = {"format": "rledit-train-cost@1", "command": command_line(), "hparams": args.hparams,
                "model": hp.model.name, "layers": hp.model.layers, "batch": hp.method.train.batch,
                "history": args.history, "repeats": args.repeats, "threads": torch.get_num_threads(),
                "torch": torch.__version__, "version": rledit.__version__, "rows": rows}

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import rledit
 from rledit.data import load_requests
 from rledit.editor import Editor
 from rledit.eval.relations import in_half
-from rledit.files import write_text_atomically
+from rledit.files import command_line, write_text_atomically
 from rledit.models import load_model
 
 PROTOCOLS = {"zsre": "zsre-token-acc@2", "counterfact": "cf-prob@1"}
@@ -116,7 +114,7 @@ def main() -> None:
                      "setup": editor.method.setup_report(), **{m: round(metrics[m], 2) for m in metric_names},
                      **efficacy_by_age(result.records, args.batch, args.steps)})
         print(rows[-1], flush=True)
-        summary = {"format": "rledit-validation-sweep@1", "command": shlex.join(sys.argv), "protocol": protocol, "data_source": args.data,
+        summary = {"format": "rledit-validation-sweep@1", "command": command_line(), "protocol": protocol, "data_source": args.data,
                    "checkpoint": args.checkpoint, "method": editor.method.name, "layers": sorted({t.layer for t in editor.targets}), "modules": args.modules, "steps": args.steps, "batch": args.batch,
                    "seed": args.seed, "data": f"{args.data} train, 'metric' half, seeded shuffle", "torch": torch.__version__,
                    "version": rledit.__version__, "rows": rows}

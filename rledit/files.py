@@ -304,7 +304,10 @@ def read_safetensors(path: str | os.PathLike, sha256: str | None = None) -> dict
 
 def command_line() -> str:
     """The command this process was started with, as a shell line to record in what it writes (``rledit ...``
-    for the console script, whatever folder it was installed in; the interpreter's argv otherwise)."""
+    for the console script, whatever folder it was installed in; ``python script.py ...`` for a script; the
+    interpreter's argv otherwise)."""
     if Path(sys.argv[0]).name == "rledit":
         return shlex.join(["rledit", *sys.argv[1:]])
+    if sys.argv[0].endswith(".py"):
+        return shlex.join(["python", *sys.argv])
     return shlex.join(sys.argv)

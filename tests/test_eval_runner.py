@@ -2,8 +2,6 @@
 
 import copy
 import json
-import shlex
-import sys
 import time
 
 import pytest
@@ -12,6 +10,7 @@ import torch
 import rledit
 from rledit.data import load_requests
 from rledit.eval import compute_references, evaluate, run_lifelong, write_results
+from rledit.files import command_line
 
 N_STEPS, PER_STEP = 3, 2
 
@@ -136,7 +135,7 @@ def test_write_results_summary_and_records(llama, tokenizer, requests, tmp_path)
     assert (summary["timing"], summary["model"], summary["model_revision"]) == ("end", "tiny-llama", "abc123")
     assert (summary["data"], summary["seed"], summary["method"]) == ("zsre", 3, "noise")
     assert summary["rledit_version"] == rledit.__version__
-    assert summary["command"] == shlex.join(sys.argv)
+    assert summary["command"] == command_line()
     assert summary["n_examples"] == 6 and summary["n_steps"] == N_STEPS
     assert summary["edits_per_step"] == [PER_STEP] * N_STEPS
     assert summary["metrics"] == result.metrics and summary["unedited"] == result.unedited.metrics

@@ -21,6 +21,7 @@ from rledit.files import (
     ForeignFolderError,
     atomic_directory,
     atomic_file,
+    command_line,
     file_sha256,
     read_json,
     read_safetensors,
@@ -94,6 +95,16 @@ def test_file_sha256_reads_past_one_block(tmp_path):
     assert file_sha256(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
     (tmp_path / "empty").write_bytes(b"")
     assert file_sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+@pytest.mark.parametrize("argv, recorded", [
+    (["/opt/venv/bin/rledit", "bench", "--label", "a b"], "rledit bench --label 'a b'"),
+    (["benchmarks/passes_cost.py", "--steps", "5"], "python benchmarks/passes_cost.py --steps 5"),
+    (["-c"], "-c"),
+])
+def test_command_line_records_a_line_that_runs_again(monkeypatch, argv, recorded):
+    monkeypatch.setattr("sys.argv", argv)
+    assert command_line() == recorded
 
 
 def _save(path, version, kind="test"):

@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import math
-import shlex
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from rledit.checkpoints import CheckpointError, read_checkpoint
 from rledit.data import load_requests
 from rledit.editor import Editor
 from rledit.eval.forced import predict_answers
+from rledit.files import command_line
 from rledit.hooks import capture_features
 from rledit.methods.rledit.config import RLEditHparams, TrainHparams
 from rledit.methods.rledit.trainer import RLEditTrainer
@@ -56,8 +55,8 @@ def test_resume_continues_exactly(tokenizer, tmp_path, settings):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     runs = [r for r in _log(tmp_path / "split") if r["kind"] == "run"]  # each start says how it was made
     assert [(r["resume"], r["from_episode"]) for r in runs] == [(False, 0), (True, 2)]
-    assert all(r["command"] == shlex.join(sys.argv) and r["torch"] == torch.__version__ for r in runs)
-    assert read_checkpoint(tmp_path / "split" / "editor").extra["command"] == shlex.join(sys.argv)
+    assert all(r["command"] == command_line() and r["torch"] == torch.__version__ for r in runs)
+    assert read_checkpoint(tmp_path / "split" / "editor").extra["command"] == command_line()
 
 
 def test_training_can_start_from_a_trained_editor(tokenizer, tmp_path):
