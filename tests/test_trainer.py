@@ -13,10 +13,10 @@ from rledit.data import load_requests
 from rledit.editor import Editor
 from rledit.eval.forced import predict_answers
 from rledit.files import command_line
-from rledit.hooks import capture_features
+from rledit.hooks import answer_token_loss, capture_features
 from rledit.methods.rledit.config import RLEditHparams, TrainHparams
 from rledit.methods.rledit.trainer import RLEditTrainer
-from rledit.tokens import answer_logits
+from rledit.tokens import answer_logits, encode
 
 
 def _trainer(tokenizer, out, episodes, init_from=None, layers=(2, 3), memory_init=0.0, **train):
@@ -110,6 +110,32 @@ def test_long_episodes_with_memory_validation_and_warm_starts(tokenizer, tmp_pat
     assert round(best.extra["validation"]["score"], 3) == max(r["score"] for r in validations)
     assert not [k for k in best.state if k.startswith("key_memory/")]
     assert editor.store.steps == [] and len(editor.method.memory) == 0  # left unedited, memory empty
+
+
+def test_validation_logs_the_training_objective_on_the_held_out_edits(tokenizer, tmp_path):
+    """Each validation record carries the loss's terms on the held-out stream, each step scored right after it
+    is applied: the gen term is the target cross-entropy of its rephrases and edit prompts on the edited model."""
+    torch.manual_seed(0)
+    settings = TrainHparams(episodes=1, steps_per_episode=2, batch=2, back_depth=2, validation_size=4,
+                            validation_batch=2, meta_lr=1e-3, loc_reference="unedited", loc_coef=3.0)
+    editor = Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, layers=[2, 3],
+                                    hparams=RLEditHparams(rank=8, lr_init=30.0, train=settings))
+    trainer = RLEditTrainer(editor, load_requests("zsre", "train", limit=8), tmp_path, progress=False)
+    trainer.train()
+    last = [r for r in _log(tmp_path) if r["kind"] == "validation"][-1]["objective"]
+    assert last["loss"] == pytest.approx(last["gen"] + 3.0 * last["loc"], abs=1e-3) and last["loc"] > 0
+    gens, unedited = [], []
+    for i in (0, 2):
+        requests = trainer.validation[i:i + 2]
+        prompts = [p for r in requests for p in r.rephrase_prompts] + [r.prompt for r in requests]
+        targets = [r.target_new for r in requests for _ in r.rephrase_prompts] + [r.target_new for r in requests]
+        batch = encode(tokenizer, prompts, targets, padding_side="left")
+        with torch.no_grad():
+            unedited.append(float(answer_token_loss(answer_logits(editor.model, batch), batch)))
+            editor.apply(requests)
+            gens.append(float(answer_token_loss(answer_logits(editor.model, batch), batch)))
+    assert last["gen"] == pytest.approx(sum(gens) / 2, abs=1e-3)
+    assert last["gen"] < sum(unedited) / 2  # the edits took: the held-out targets got likelier
 
 
 def test_training_stops_when_the_loss_diverges(tokenizer, tmp_path):

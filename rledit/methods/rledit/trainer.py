@@ -512,9 +512,15 @@ class RLEditTrainer:
         self._clear_steps()  # the episode's edits are done with; the normaliser's statistics are restored below
         saved = {k: v.clone() for k, v in self.method.state_dict().items()}
         start = time.perf_counter()
+        terms = []
         with torch.no_grad():
             for i in range(0, len(self.validation), hp.validation_batch):
-                editor.apply(self.validation[i:i + hp.validation_batch])
+                requests = self.validation[i:i + hp.validation_batch]
+                step = self._tokenise(requests)
+                reference = self._references([step])[0]  # the model before this step, for "previous"
+                editor.apply(requests)
+                terms.append(self._held_out_terms(step, reference))
+        objective = {key: round(sum(t[key] for t in terms) / len(terms), 4) for key in terms[0]}
         result = evaluate(editor.model, editor.tokenizer, self.validation, [protocol], self.validation_references)
         self._clear_steps()
         editor.history.clear()
@@ -525,13 +531,21 @@ class RLEditTrainer:
         score = sum(headline) / len(headline)
         best = self.best_score is None or score > self.best_score
         self._log({"kind": "validation", "episode": self.episode, "protocol": protocol, "score": round(score, 3),
-                   "best": best, "seconds": round(time.perf_counter() - start, 2),
+                   "best": best, "seconds": round(time.perf_counter() - start, 2), "objective": objective,
                    **{m: round(v, 3) for m, v in metrics.items()}})
         if best:
             self.best_score = score
             editor.save_checkpoint(self.out_dir / BEST_EDITOR, extra={**self._training_facts(),
                                                                       "validation": {"protocol": protocol,
                                                                                      "score": score, **metrics}})
+
+    def _held_out_terms(self, step: WindowStep, reference: torch.Tensor) -> dict[str, float]:
+        """The training loss's terms (without the ΔW penalty) on a validation step just applied: its rephrases
+        and edit prompts, its locality prompts against ``reference``. Logged beside the validation metrics, they
+        tell an objective that does not carry to new edits from one that carries and disagrees with the metrics."""
+        with self._upper_layers_only():
+            gen, loc, _ = self._backtracking_losses([step], [1.0], [reference])
+        return {"loss": float(gen + self.hp.loc_coef * loc), "gen": float(gen), "loc": float(loc)}
 
     # ------------------------------------------------------------------------------------ logs and state
     def _log(self, record: dict[str, Any]) -> None:
