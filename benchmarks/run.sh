@@ -57,10 +57,10 @@ bench "${ZSRE[@]}" --methods rledit:smollm2-135m-zsre,malmen:smollm2-135m-zsre-m
 bench "${ZSRE[@]}" --methods memit --layers 18 19 20 21 "${BARE_MEMIT[@]}"
 bench "${ZSRE[@]}" --methods alphaedit --layers 18 19 20 21 "${BARE_ALPHAEDIT[@]}"
 
-# CounterFact edit split, 50 steps x 20 edits, headline cf-prob@1 (the MALMEN-style editor is the zsRE-trained one)
+# CounterFact edit split, 50 steps x 20 edits, headline cf-prob@1
 CF=(--data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20)
 bench "${CF[@]}" --methods rledit:smollm2-135m-counterfact,rledit,ultraedit
-bench "${CF[@]}" --methods malmen:smollm2-135m-zsre-malmen,mend,ft
+bench "${CF[@]}" --methods mend,ft  # (the MALMEN-style editor's CounterFact rows are editors-v1's)
 bench "${CF[@]}" --methods memit --layers 18 19 20 21 "${BARE_MEMIT[@]}"
 bench "${CF[@]}" --methods alphaedit --layers 18 19 20 21 "${BARE_ALPHAEDIT[@]}"
 
@@ -76,7 +76,7 @@ bench --data zsre --steps 10 --batch 20 --eval-every 5 --protocols zsre-token-ac
 # cannot run 100 x 20: the bundled eval split holds 1,037 records, and both zsRE eval files together 1,570 distinct
 # ones; `rledit bench` refuses a stream longer than its data.)
 bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-prob@1 \
-  --methods rledit:smollm2-135m-counterfact,malmen:smollm2-135m-zsre-malmen --out benchmarks/results/counterfact-100x20
+  --methods rledit:smollm2-135m-counterfact --out benchmarks/results/counterfact-100x20
 bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-prob@1 --methods alphaedit --layers 18 19 20 21 \
   "${BARE_ALPHAEDIT[@]}" --out benchmarks/results/counterfact-100x20
 
