@@ -15,7 +15,7 @@ from rledit.eval.forced import predict_answers
 from rledit.files import command_line
 from rledit.hooks import answer_token_loss, capture_features
 from rledit.methods.rledit.config import RLEditHparams, TrainHparams
-from rledit.methods.rledit.trainer import RLEditTrainer
+from rledit.methods.rledit.trainer import RLEditTrainer, locality_margin
 from rledit.tokens import answer_logits, encode
 
 
@@ -136,6 +136,24 @@ def test_validation_logs_the_training_objective_on_the_held_out_edits(tokenizer,
             gens.append(float(answer_token_loss(answer_logits(editor.model, batch), batch)))
     assert last["gen"] == pytest.approx(sum(gens) / 2, abs=1e-3)
     assert last["gen"] < sum(unedited) / 2  # the edits took: the held-out targets got likelier
+
+
+def test_the_margin_locality_term_reads_only_whether_the_argmax_keeps_its_lead(tokenizer, tmp_path):
+    """``loc_objective: margin``: max(0, min(m, r) - d) per position, d the unedited argmax's lead under the
+    edited model, r under the unedited one; zero for an unchanged model and for changes that keep the lead."""
+    ref = torch.log_softmax(torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.5, 0.2]]), -1)
+    assert float(locality_margin(ref, ref, 1.0)) == 0.0
+    tail_moved = torch.log_softmax(torch.tensor([[3.0, 0.0, 1.5], [0.0, 0.5, -2.0]]), -1)  # leads 1.5 and 0.5 kept
+    assert float(locality_margin(ref, tail_moved, 1.0)) == 0.0
+    flipped = torch.log_softmax(torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.5, 0.2]]), -1)  # row 0: lead 2 -> -1
+    assert float(locality_margin(ref, flipped, 1.0)) == pytest.approx((1.0 - (-1.0)) / 2)
+    assert float(locality_margin(ref, flipped, 0.5)) == pytest.approx((0.5 + 1.0) / 2)
+    with pytest.raises(ValueError, match="loc_objective"):
+        TrainHparams(loc_objective="l2")
+    trainer = _trainer(tokenizer, tmp_path, episodes=2, loc_objective="margin", loc_margin=0.5)
+    trainer.train()
+    episodes = [r for r in _log(tmp_path) if r["kind"] == "episode"]
+    assert len(episodes) == 2 and all(math.isfinite(r["loss"]) and r["loc"] >= 0 for r in episodes)
 
 
 def test_training_stops_when_the_loss_diverges(tokenizer, tmp_path):

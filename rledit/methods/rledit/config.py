@@ -18,6 +18,7 @@ NORMALIZER_MODES = ("frozen", "lifelong")
 LOC_REFERENCES = ("previous", "unedited")
 BACKTRACKING = ("window", "sampled")
 GEN_OBJECTIVES = ("ce", "margin")
+LOC_OBJECTIVES = ("kl", "margin")
 KEY_POSITIONS = ("answer", "answer+subject", "subject")
 CORPUS_POSITIONS = ("all", "answers", "subjects")
 REFINE = ("network", "gradient")
@@ -72,6 +73,12 @@ class TrainHparams:
             on the mean per-token log-probabilities of the new and the old target (CounterFact's requests carry
             the old one as ``ground_truth``): an edit that already wins by ``gen_margin`` is not pushed further.
         gen_margin: m, the margin (nats per token) of the "margin" objective.
+        loc_objective: what the locality term asks at each locality answer position: "kl", KL(p_unedited || p)
+            over the whole next-token distribution, or "margin", that the unedited model's argmax token keep its
+            lead over every other token: max(0, min(loc_margin, r) - d), d its lead in log-probability under the
+            edited model, r under the unedited one (zero while the argmax keeps its lead; what argmax-agreement
+            locality reads, and nothing of the rest of the distribution).
+        loc_margin: the lead (nats) the "margin" locality objective protects at most.
         differentiable_passes: with ``method.passes`` > 1, keep each later pass's features (keys, and the
             gradients by a second-order backward) differentiable in the earlier passes' updates, so the
             meta-gradient sees how the later passes react to the first; False: they are read detached (cheaper,
@@ -114,6 +121,8 @@ class TrainHparams:
     relation_locality: bool = False
     gen_objective: Literal["ce", "margin"] = "ce"
     gen_margin: float = 1.0
+    loc_objective: Literal["kl", "margin"] = "kl"
+    loc_margin: float = 1.0
     differentiable_passes: bool = False
     diverge_factor: float = 0.0
     distinct_episodes: bool = True
@@ -135,7 +144,9 @@ class TrainHparams:
                  f"train.backtracking must be one of {BACKTRACKING}, got {self.backtracking!r}")
         _require(self.gen_objective in GEN_OBJECTIVES,
                  f"train.gen_objective must be one of {GEN_OBJECTIVES}, got {self.gen_objective!r}")
-        for name in ("loc_coef", "reg_coef", "past_weight", "diverge_factor", "gen_margin"):
+        _require(self.loc_objective in LOC_OBJECTIVES,
+                 f"train.loc_objective must be one of {LOC_OBJECTIVES}, got {self.loc_objective!r}")
+        for name in ("loc_coef", "reg_coef", "past_weight", "diverge_factor", "gen_margin", "loc_margin"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.grad_clip > 0, f"train.grad_clip must be > 0, got {self.grad_clip}")
         for name, held in (("meta_lr", "the network"), ("scalar_meta_lr", "the scalars")):

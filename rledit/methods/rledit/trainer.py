@@ -15,7 +15,7 @@ steps of ``batch`` requests from the training split. At step t:
    CE_gen: target cross-entropy on the rephrase (and edit) prompts (or, with ``gen_objective: margin``, the
    hinge max(0, m - (log p(new) - log p(old))) per prompt, so that edits already won are not pushed);
    KL_loc: KL(p_ref || p_W(t)) on the locality prompts' answer positions, W_ref = W(t-1) ("previous") or W(0)
-   ("unedited").
+   ("unedited") (or, with ``loc_objective: margin``, the hinge that p_ref's argmax keep its lead there).
 4. backward into the network, λ and the step sizes; an optimiser step every ``update_every`` steps
 5. the action is applied for good (detached): W(t) = W(t-1) + ΔW_t, and the method is told (its key memory,
    when the solve uses one, takes the step's keys).
@@ -109,6 +109,17 @@ def answer_log_probs(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
 def locality_kl(ref_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
     """Mean over answer positions of KL(p_ref || p)."""
     return (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1).mean()
+
+
+def locality_margin(ref_log_probs: torch.Tensor, log_probs: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean over answer positions of max(0, min(margin, r) - d): d is the lead in log-probability of p_ref's
+    argmax token over the best other token under p, r the same lead under p_ref."""
+    top = ref_log_probs.argmax(-1, keepdim=True)
+
+    def lead(lp: torch.Tensor) -> torch.Tensor:
+        return lp.gather(-1, top).squeeze(-1) - lp.scatter(-1, top, float("-inf")).max(-1).values
+
+    return F.relu(lead(ref_log_probs).clamp(max=margin) - lead(log_probs)).mean()
 
 
 class RLEditTrainer:
@@ -377,7 +388,10 @@ class RLEditTrainer:
                 labels = past.gen.labels[past.gen.answer_mask]
                 edit_acc = float((logits.argmax(-1) == labels).float().mean())
             log_probs = answer_log_probs(model, past.loc)
-            loc_loss = loc_loss + weight * locality_kl(ref, log_probs)
+            if self.hp.loc_objective == "margin":
+                loc_loss = loc_loss + weight * locality_margin(ref, log_probs, self.hp.loc_margin)
+            else:
+                loc_loss = loc_loss + weight * locality_kl(ref, log_probs)
         return gen_loss, loc_loss, edit_acc
 
     def _gen_term(self, logits: torch.Tensor, step: WindowStep) -> torch.Tensor:
