@@ -387,12 +387,15 @@ class RLEditTrainer:
             if j == 0:
                 labels = past.gen.labels[past.gen.answer_mask]
                 edit_acc = float((logits.argmax(-1) == labels).float().mean())
-            log_probs = answer_log_probs(model, past.loc)
-            if self.hp.loc_objective == "margin":
-                loc_loss = loc_loss + weight * locality_margin(ref, log_probs, self.hp.loc_margin)
-            else:
-                loc_loss = loc_loss + weight * locality_kl(ref, log_probs)
+            loc_loss = loc_loss + weight * self._loc_term(ref, answer_log_probs(model, past.loc))
         return gen_loss, loc_loss, edit_acc
+
+    def _loc_term(self, ref_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+        """The locality term of one step, given the reference's and the model's log-probabilities at its
+        locality prompts' answer positions."""
+        if self.hp.loc_objective == "margin":
+            return locality_margin(ref_log_probs, log_probs, self.hp.loc_margin)
+        return locality_kl(ref_log_probs, log_probs)
 
     def _gen_term(self, logits: torch.Tensor, step: WindowStep) -> torch.Tensor:
         """The generalization term of one step, given the model's logits at ``step.gen``'s answer positions."""
