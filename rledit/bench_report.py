@@ -199,6 +199,48 @@ def plot_end_metrics(summaries: Sequence[dict[str, Any]], path: str | Path) -> P
     return path
 
 
+def plot_tradeoff(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """Where each run sits between writing its edits and leaving the rest alone, at the end of the stream:
+    efficacy and generalization (the first two headline metrics) against locality (the third), one point per
+    run and the unedited model; None when the protocol has fewer than three headline metrics."""
+    metrics = headline_metrics(summaries)[:3] if summaries else []
+    if len(metrics) < 3:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept = metrics[2]
+    fig, axes = plt.subplots(1, 2, figsize=(12.0, 4.2), squeeze=False)
+    unedited = summaries[0].get("unedited", {})
+    for ax, metric in zip(axes[0], metrics[:2]):
+        if metric in unedited and kept in unedited:
+            ax.scatter([unedited[kept]], [unedited[metric]], marker="*", s=90, color="0.5", label="unedited")
+        for i, s in enumerate(summaries, start=1):
+            if metric in s["metrics"] and kept in s["metrics"]:
+                ax.scatter([s["metrics"][kept]], [s["metrics"][metric]], s=30, label=f"{i}. {_short(s['name'])}")
+                ax.annotate(str(i), (s["metrics"][kept], s["metrics"][metric]), xytext=(3, 3),
+                            textcoords="offset points", fontsize=7)
+        ax.set_xlabel(f"{kept} (%)")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_xlim(0, 103)
+        ax.set_ylim(0, 103)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{summaries[0]['model']} on {summaries[0]['dataset']}, {summaries[0]['protocol']}, after "
+                 f"{summaries[0]['n_edits']} edits: up and to the right is better", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 0.6, 0.95))
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.6, 0.5), fontsize=6, frameon=False)
+    path = save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _short(name: str, limit: int = 80) -> str:
+    return name if len(name) <= limit else name[:limit - 1] + "…"
+
+
 STREAM_KEYS = ("model", "dataset", "split", "steps", "batch", "seed", "timing", "protocol")
 ROW_ORDER = ("rledit", "malmen", "mend", "ultraedit", "memit", "alphaedit", "ft")
 
@@ -251,7 +293,8 @@ def load_runs(directory: str | Path) -> list[dict[str, Any]]:
 
 def write_report(directory: str | Path) -> tuple[Path, Path | None]:
     """``table.md`` (quality by the headline protocol, then by any other, then speed) and ``curves.png`` of every
-    run in ``directory`` (see :func:`load_runs`), or ``metrics.png`` (bars at the end) when no run has a curve.
+    run in ``directory`` (see :func:`load_runs`), or ``metrics.png`` (bars at the end) when no run has a curve;
+    beside them ``tradeoff.png`` (:func:`plot_tradeoff`), each run's edits against its locality at the end.
 
     Several ``rledit bench --methods`` processes may fill one folder (e.g. one per core); each rewrites these
     two files over everything the folder holds so far, and ``rledit bench-report FOLDER`` does the same alone.
@@ -263,5 +306,6 @@ def write_report(directory: str | Path) -> tuple[Path, Path | None]:
     text = (markdown_table(summaries) + (f"\n{others}" if others else "") + (f"\n{general}" if general else "")
             + "\nSpeed:\n\n" + speed_table(summaries))
     write_text_atomically(table, text)
+    plot_tradeoff(summaries, directory / "tradeoff.png")
     return table, plot_curves(summaries, directory / "curves.png") or plot_end_metrics(summaries,
                                                                                    directory / "metrics.png")

@@ -68,6 +68,7 @@ def test_a_results_folder_tabulates_every_run_of_its_stream_and_rejects_another(
     rows = [line.split("|")[1].strip() for line in table.read_text().splitlines() if line.startswith("| ")]
     assert rows == ["method", "unedited", "rledit:some-editor", "ultraedit"] + ["method", "rledit:some-editor",
                                                                               "ultraedit"]  # quality, then speed
+    assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # edits against locality
     write_run(tmp_path / "longer.json", {**summary, "steps": 2}, result)
     with pytest.raises(ValueError, match="steps"):
         write_report(tmp_path)
