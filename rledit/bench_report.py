@@ -219,7 +219,8 @@ def plot_tradeoff(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path
             ax.scatter([unedited[kept]], [unedited[metric]], marker="*", s=90, color="0.5", label="unedited")
         for i, s in enumerate(summaries, start=1):
             if metric in s["metrics"] and kept in s["metrics"]:
-                ax.scatter([s["metrics"][kept]], [s["metrics"][metric]], s=30, label=f"{i}. {_short(s['name'])}")
+                ax.scatter([s["metrics"][kept]], [s["metrics"][metric]], s=30, label=f"{i}. {_short(s['name'])}",
+                           marker="os^Dv"[(i - 1) // 10 % 5])  # the colours repeat after ten runs
                 ax.annotate(str(i), (s["metrics"][kept], s["metrics"][metric]), xytext=(3, 3),
                             textcoords="offset points", fontsize=7)
         ax.set_xlabel(f"{kept} (%)")
