@@ -12,11 +12,15 @@ the machine's speed and load.
 
 from __future__ import annotations
 
+import json
+import random
 import resource
+import shutil
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,16 +29,18 @@ import rledit
 from rledit.chat import chat_framing
 from rledit.data import EditStream, dataset_file, load_requests
 from rledit.editor import Editor, method_hparams_dict
-from rledit.eval import LifelongResult, run_lifelong
+from rledit.eval import LifelongProgress, LifelongResult, run_lifelong
 from rledit.eval.general import TASKS as GENERAL_TASKS
 from rledit.eval.general import general_probe
-from rledit.files import command_line, file_sha256
+from rledit.files import atomic_directory, atomic_file, check_replaceable, command_line, file_sha256
 from rledit.methods import get_method
 from rledit.targets import architecture_of
 from rledit.tokens import answer_logits, context_length, encode
 from rledit.types import EditRequest
 
 HEADLINE = {"zsre": ("zsre-token-acc@2", "zsre-token-acc@1"), "counterfact": ("cf-prob@1",)}  # first one run
+PROGRESS_KIND = "bench-progress"  # the marker kind of a run's saved progress folder
+PROGRESS_FILE = "progress.pt"
 
 
 @dataclass
@@ -107,44 +113,105 @@ def floor_seconds(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequ
 def run_benchmark(model: torch.nn.Module, tokenizer, model_name: str, spec: BenchSpec,
                   requests: Sequence[EditRequest] | None = None, progress: bool = True,
                   baseline: Any = None, general_unedited: dict[str, float] | None = None,
+                  progress_dir: str | Path | None = None, resume: bool = False, save_every: float = 600.0,
                   ) -> tuple[dict[str, Any], LifelongResult]:
     """Run one lifelong sequence of ``spec`` on ``model`` (left as it was afterwards).
 
     Returns the summary (a JSON-ready dict) and the full result with its per-example records. ``baseline``:
     the ``.baseline`` of an earlier result on the same stream and protocols, to skip scoring the unedited model
-    again; ``general_unedited``: likewise the unedited model's general-ability scores (``spec.general``)."""
+    again; ``general_unedited``: likewise the unedited model's general-ability scores (``spec.general``).
+
+    With ``progress_dir`` the run's progress (the edited editor, the scores and timings so far, the random
+    state) is saved there atomically after a step whenever ``save_every`` seconds have passed since the last
+    save (:func:`discard_progress` removes it once the results are written); with ``resume`` a run saved there
+    goes on from its last saved step, so that its results are those of a run never stopped (the seconds of
+    the steps done again excepted)."""
     requests = list(requests) if requests is not None else check_spec(spec)
     stream = EditStream(requests, spec.steps, spec.batch, spec.seed)
     probe = (lambda: general_probe(model, tokenizer)) if spec.general else None
-    if probe is not None and general_unedited is None:
+    fingerprint = _spec_fingerprint(spec, model_name)
+    saved = read_progress(progress_dir, fingerprint) if resume and progress_dir is not None else None
+    if probe is not None and general_unedited is None and saved is None:
         general_unedited = probe()  # before the editor exists: the model is unedited
-    modules = spec.modules
-    if getattr(get_method(spec.method), "edits_output_projection", False):
-        modules = [architecture_of(model).mlp_modules[-1]]
-    start = time.perf_counter()
-    editor = Editor.from_pretrained(model, method=spec.method, hparams=spec.hparams, checkpoint=spec.checkpoint,
-                                    tokenizer=tokenizer, layers=spec.layers, modules=modules)
-    setup = time.perf_counter() - start
-    floors: list[float] = []
+    if saved is not None:
+        editor = Editor.load(Path(progress_dir) / "editor", model=model, tokenizer=tokenizer)
+        setup, floors, general_unedited = saved["setup"], list(saved["floors"]), saved["general_unedited"]
+        torch.set_rng_state(saved["torch_rng"])
+        random.setstate(saved["python_rng"])
+    else:
+        modules = spec.modules
+        if getattr(get_method(spec.method), "edits_output_projection", False):
+            modules = [architecture_of(model).mlp_modules[-1]]
+        start = time.perf_counter()
+        editor = Editor.from_pretrained(model, method=spec.method, hparams=spec.hparams, checkpoint=spec.checkpoint,
+                                        tokenizer=tokenizer, layers=spec.layers, modules=modules)
+        setup = time.perf_counter() - start
+        floors = []
+    resumes = [*saved["resumes"], {"from_step": saved["progress"].steps_done, "command": command_line()}] \
+        if saved is not None else []
+    elapsed = saved["elapsed"] if saved is not None else 0.0  # seconds of the steps done before a resume
 
     def apply_step(step: list[EditRequest]) -> None:
         floors.append(floor_seconds(model, tokenizer, step))
         editor.apply(step)
 
+    start = last_save = time.perf_counter()
+
+    def save(done: LifelongProgress) -> None:
+        nonlocal last_save
+        if time.perf_counter() - last_save < save_every:
+            return
+        with atomic_directory(Path(progress_dir), PROGRESS_KIND) as folder:
+            editor.save(folder / "editor")
+            with atomic_file(folder / PROGRESS_FILE) as tmp:
+                torch.save({"spec": fingerprint, "progress": done, "setup": setup, "floors": floors,
+                            "general_unedited": general_unedited, "elapsed": elapsed + time.perf_counter() - start,
+                            "resumes": resumes, "torch_rng": torch.get_rng_state(),
+                            "python_rng": random.getstate()}, tmp)
+        last_save = time.perf_counter()
+
     try:
-        start = time.perf_counter()
         result = run_lifelong(model, tokenizer, list(stream), apply_step, protocols=spec.protocols,
                               timing=spec.timing, eval_every=spec.eval_every, progress=progress,
-                              baseline=baseline, probe=probe)
-        total = time.perf_counter() - start
+                              baseline=baseline, probe=probe, progress_from=saved["progress"] if saved else None,
+                              on_step=save if progress_dir is not None else None)
+        total = elapsed + time.perf_counter() - start
     finally:
         editor.store.detach()
     summary = _results(spec, editor, model_name, stream, result, setup, floors, total)
     summary["unedited_shared"] = baseline is not None  # scored once by an earlier method on the same stream
+    if resumes:
+        summary["resumed"] = resumes
     if probe is not None:
         summary["general"] = {"unedited": general_unedited, "edited": _without_position(result.general[-1]),
                               "curve": result.general, "tasks": GENERAL_TASKS}
     return summary, result
+
+
+def discard_progress(progress_dir: str | Path | None) -> None:
+    """Remove a run's saved progress (once its results are written); a folder that is not ours is refused."""
+    if progress_dir is not None and Path(progress_dir).exists():
+        check_replaceable(Path(progress_dir), PROGRESS_KIND)
+        shutil.rmtree(progress_dir)
+
+
+def read_progress(progress_dir: str | Path, fingerprint: str) -> dict[str, Any] | None:
+    """The progress saved in ``progress_dir`` (None when there is none), checked to be of the same run."""
+    path = Path(progress_dir) / PROGRESS_FILE
+    if not path.is_file():
+        return None
+    check_replaceable(Path(progress_dir), PROGRESS_KIND)
+    saved = torch.load(path, weights_only=False)  # our own file, written by run_benchmark
+    if saved["spec"] != fingerprint:
+        raise ValueError(f"{progress_dir} holds the progress of another run ({saved['spec']}); this run is "
+                         f"{fingerprint}. Resume with the same settings, or remove that folder to start again")
+    return saved
+
+
+def _spec_fingerprint(spec: BenchSpec, model_name: str) -> str:
+    """What makes two runs the same run: the model and every field of the spec but its label."""
+    fields = {k: v for k, v in asdict(spec).items() if k != "label"}
+    return json.dumps({"model": model_name, **fields}, sort_keys=True, default=str)
 
 
 def _without_position(point: dict[str, Any]) -> dict[str, Any]:

@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the run's row name in tables (and file name in a --methods folder); one method only")
     bench.add_argument("--out", required=True,
                        help="results JSON (with --method) or folder for per-method JSON, table and plot (--methods)")
+    bench.add_argument("--save-every", type=float, default=10.0, metavar="MINUTES",
+                       help="save a run's progress (beside its results file, as NAME.partial/) after a step when "
+                            "this many minutes have passed since the last save; 0: after every step (default 10)")
+    bench.add_argument("--resume", action="store_true",
+                       help="go on from each run's saved progress; runs whose results file exists are skipped")
     bench.set_defaults(handler=_bench)
 
     from rledit.cli_edit import add_edit_parsers
@@ -341,7 +346,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from rledit import distributed
-    from rledit.bench import check_spec, run_benchmark
+    from rledit.bench import check_spec, discard_progress, run_benchmark
     from rledit.bench_report import markdown_table, write_run
 
     if args.hparams:
@@ -355,25 +360,43 @@ def _bench(args: argparse.Namespace) -> int:
     for spec in specs:
         spec.general = args.general
     requests = [check_spec(spec) for spec in specs]  # every error before any work
+    paths = [Path(args.out) if not args.methods else Path(args.out) / f"{_file_name(spec.name)}.json"
+             for spec in specs]
+    partial = [path.with_name(f"{path.stem}.partial") for path in paths]  # each run's saved progress
+    if args.save_every < 0:
+        raise ValueError(f"--save-every must be >= 0 minutes, got {args.save_every}")
+    if not args.resume:
+        waiting = [str(folder) for folder in partial if folder.exists()]
+        if waiting:
+            raise ValueError(f"{', '.join(waiting)} hold(s) the saved progress of an unfinished run: pass --resume "
+                             "to go on from it, or remove it to start again")
     distributed.start()  # every process runs the edits, the scoring is shared out
     main = distributed.is_main()
+    if distributed.world()[1] > 1:  # (each process would need its own copy of the progress)
+        if args.resume:
+            raise ValueError("--resume works with one process; run the benchmark as one process to go on")
+        partial = [None] * len(specs)
     loaded = loaded_model(args)
     summaries = []
     baseline = general = None  # the unedited scores, shared by every method on the same stream
-    for spec, spec_requests in zip(specs, requests):
+    for spec, spec_requests, path, progress_dir in zip(specs, requests, paths, partial):
+        if args.resume and path.exists() and not (progress_dir and progress_dir.exists()):
+            print(f"== {spec.name}: done already ({path})")
+            continue
         if main:
             print(f"== {spec.name}: {spec.steps} x {spec.batch} {spec.data} edits, timing {spec.timing}")
         summary, result = run_benchmark(loaded.model, loaded.tokenizer, loaded.name, spec, spec_requests,
-                                        baseline=baseline, general_unedited=general)
+                                        baseline=baseline, general_unedited=general, progress_dir=progress_dir,
+                                        resume=args.resume, save_every=60.0 * args.save_every)
         baseline, general = result.baseline, summary.get("general", {}).get("unedited")
         summary["model_revision"] = loaded.revision
         summary["processes"] = distributed.world()[1]
         summaries.append(summary)
         if main:
-            path = Path(args.out) if not args.methods else Path(args.out) / f"{_file_name(spec.name)}.json"
             write_run(path, summary, result)
+            discard_progress(progress_dir)
             print(f"{spec.name} -> {path}")
-    if not main:
+    if not main or not summaries:
         return 0
     print("\n" + markdown_table(summaries))  # one table of every run just made
     if args.methods:  # the folder's table covers these runs and any earlier ones on the same stream

@@ -31,7 +31,7 @@ from rledit.eval.results import (
     summary_dict,
     write_results,
 )
-from rledit.eval.runner import TIMINGS, compute_references, evaluate, run_lifelong
+from rledit.eval.runner import TIMINGS, LifelongProgress, compute_references, evaluate, run_lifelong
 
 __all__ = [
     "TIMINGS",
@@ -41,6 +41,7 @@ __all__ = [
     "ExampleRecord",
     "ExampleScore",
     "GenerationExactMatch",
+    "LifelongProgress",
     "LifelongResult",
     "Protocol",
     "ProtocolError",

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +27,21 @@ from rledit.eval.results import CurvePoint, EvalResult, ExampleRecord, LifelongR
 from rledit.types import EditRequest
 
 TIMINGS = ("end", "immediate", "curve")
+
+
+@dataclass
+class LifelongProgress:
+    """What a lifelong run has done after ``steps_done`` steps: everything :func:`run_lifelong` needs, with the
+    edited model itself, to go on from there exactly as if it had never stopped (``rledit bench --resume``)."""
+
+    steps_done: int
+    references: References
+    unedited: EvalResult
+    started_at: str
+    records: list[ExampleRecord] = field(default_factory=list)
+    curve: list[CurvePoint] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    general: list[dict[str, Any]] = field(default_factory=list)
 
 
 def compute_references(model: nn.Module, tokenizer, requests: Sequence[EditRequest],
@@ -73,6 +90,8 @@ def run_lifelong(
     progress: bool = True,
     baseline: tuple[References, EvalResult] | None = None,
     probe: Callable[[], dict] | None = None,
+    progress_from: LifelongProgress | None = None,
+    on_step: Callable[[LifelongProgress], object] | None = None,
 ) -> LifelongResult:
     """Apply ``steps`` of edits one after another with ``apply_step`` and score them under ``timing``.
 
@@ -83,6 +102,10 @@ def run_lifelong(
 
     ``probe()`` (e.g. :func:`rledit.eval.general.general_probe` bound to the model) scores the model's general
     ability after the last step and, with timing ``curve``, at every curve point (``LifelongResult.general``).
+
+    ``on_step(progress)`` is called after every step but the last (and its scoring) with a
+    :class:`LifelongProgress`; given back as ``progress_from``, with ``model`` carrying the first
+    ``progress.steps_done`` steps, the run goes on from the next step.
     """
     if timing not in TIMINGS:
         raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
@@ -95,29 +118,35 @@ def run_lifelong(
     step_of = [t for t, step in enumerate(steps, start=1) for _ in step]
     resolved = resolve_protocols(protocols, requests)
     ids = [p.id for p in resolved]
-    started = utc_now()
 
     def score(indices: range, after_steps: int) -> list[ExampleRecord]:
         return _score(model, tokenizer, [requests[i] for i in indices], resolved, references, batch_size,
                       indices, step_of, after_steps)
 
-    if baseline is not None:
-        references, unedited = baseline
-        if unedited.protocols != ids or unedited.n_examples != len(requests):
-            raise ValueError(f"the given baseline scores {unedited.n_examples} edits under {unedited.protocols}, "
-                             f"this run {len(requests)} under {ids}")
+    if progress_from is not None:
+        if progress_from.unedited.protocols != ids or progress_from.unedited.n_examples != len(requests):
+            raise ValueError(f"the progress to go on from scores {progress_from.unedited.n_examples} edits under "
+                             f"{progress_from.unedited.protocols}, this run {len(requests)} under {ids}")
+        done = progress_from
     else:
-        references = compute_references(model, tokenizer, requests, resolved, batch_size)
-        unedited_records = score(range(len(requests)), 0)
-        unedited = EvalResult(ids, *summarize(unedited_records, ids), unedited_records, len(requests), started,
-                              utc_now())
-
-    records: list[ExampleRecord] = []
-    curve: list[CurvePoint] = []
-    seconds: list[float] = []
-    general: list[dict] = []
-    applied = 0
-    for t, step in enumerate(tqdm(steps, desc=f"editing ({timing})", unit="step", disable=not progress), start=1):
+        started = utc_now()
+        if baseline is not None:
+            references, unedited = baseline
+            if unedited.protocols != ids or unedited.n_examples != len(requests):
+                raise ValueError(f"the given baseline scores {unedited.n_examples} edits under "
+                                 f"{unedited.protocols}, this run {len(requests)} under {ids}")
+        else:
+            references = compute_references(model, tokenizer, requests, resolved, batch_size)
+            unedited_records = score(range(len(requests)), 0)
+            unedited = EvalResult(ids, *summarize(unedited_records, ids), unedited_records, len(requests),
+                                  started, utc_now())
+        done = LifelongProgress(0, references, unedited, started)
+    references, unedited = done.references, done.unedited
+    records, curve, seconds, general = list(done.records), list(done.curve), list(done.seconds), list(done.general)
+    applied = sum(len(step) for step in steps[:done.steps_done])
+    bar = tqdm(total=len(steps), initial=done.steps_done, desc=f"editing ({timing})", unit="step",
+               disable=not progress)
+    for t, step in enumerate(steps[done.steps_done:], start=done.steps_done + 1):
         seconds.append(_timed(model, apply_step, list(step)))
         applied += len(step)
         if timing == "immediate":
@@ -128,13 +157,18 @@ def run_lifelong(
             curve.append(CurvePoint(t, applied, *summarize(point, ids)))
         if probe is not None and (t == len(steps) or (timing == "curve" and t % eval_every == 0)):
             general.append({"step": t, "n_edits": applied, **probe()})
+        bar.update()
+        if on_step is not None and t < len(steps):
+            on_step(LifelongProgress(t, references, unedited, done.started_at, list(records), list(curve),
+                                     list(seconds), list(general)))
+    bar.close()
     if timing == "end":
         records = score(range(len(requests)), len(steps))
     metrics, counts = (curve[-1].metrics, curve[-1].counts) if curve else summarize(records, ids)
     return LifelongResult(
         timing=timing, protocols=ids, metrics=metrics, counts=counts, unedited=unedited, records=records,
         step_seconds=seconds, edits_per_step=[len(s) for s in steps], curve=curve,
-        eval_every=eval_every if timing == "curve" else None, started_at=started, finished_at=utc_now(),
+        eval_every=eval_every if timing == "curve" else None, started_at=done.started_at, finished_at=utc_now(),
         references=references, general=general,
     )
 
