@@ -150,6 +150,22 @@ bench "${ABL[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-pass
   --label "zsre-retuned-passes without the key memory (beta 0)"
 bench "${ABL[@]}" --methods rledit:benchmarks/results/training/zsre-retuned-passes --set method.corpus_init=0.0 \
   --label "zsre-retuned-passes without C_0 (alpha 0)"
+# ... and how the network was trained: the shipped zsRE network's training (10-step episodes, window 4, 120 optimiser
+# steps) against 60-step episodes with the edits kept applied (window 4, and sampled backtracking k = 1), 120 steps
+# each; the same rule set on each network as on the shipped one (retune with ZSRE_RULE's multipliers)
+TRAIN_ZSRE=hparams/experiments/train-rledit-smollm2-zsre.yaml
+LONG=(method.train.steps_per_episode=60 method.train.episodes=2 method.train.checkpoint_every=1)
+.venv/bin/rledit train --hparams $TRAIN_ZSRE --set "${LONG[@]}" --out runs/abl-long-window
+.venv/bin/rledit train --hparams $TRAIN_ZSRE --set "${LONG[@]}" method.train.backtracking=sampled \
+  method.train.back_samples=1 --out runs/abl-long-sampled
+for run in abl-long-window abl-long-sampled; do
+  .venv/bin/python benchmarks/retune_scalars.py --checkpoint runs/$run/editor --setting "$ZSRE_RULE" \
+    --chosen-on benchmarks/results/sweeps/passes --out benchmarks/results/training/$run-passes
+done
+bench "${ABL[@]}" --methods rledit:benchmarks/results/training/abl-long-window-passes \
+  --label "RL network trained on 60-step episodes, window 4 (same rule)"
+bench "${ABL[@]}" --methods rledit:benchmarks/results/training/abl-long-sampled-passes \
+  --label "RL network trained on 60-step episodes, sampled backtracking k=1 (same rule)"
 
 # MEMIT and AlphaEdit as published: context prefixes (five 10-token texts the model writes), AlphaEdit's null space
 # holding 5 % of the corpus keys' energy (benchmarks/results/context-prefixes/README.md). The first three checks and
