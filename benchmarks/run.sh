@@ -227,3 +227,7 @@ SPLIT=(--layers 12 13 14 15 18 19 20 21 --modules down_proj --methods rledit --s
   --label "rledit+subject keys, down_proj (untrained; 7 subject passes, lr 0.22, beta 1, C0 alpha 300, layers 12-15 and 18-21)")
 bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20 "${SPLIT[@]}"
 bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-prob@1 --out benchmarks/results/counterfact-100x20 "${SPLIT[@]}"
+
+# Where an edit's keys stand apart from NQ questions and same-template questions, every layer (experiment log 32)
+.venv/bin/python benchmarks/key_separability.py --records 300 --corpus-samples 600 --rho 0.01 0.1 1 \
+  --out benchmarks/results/key-separability
