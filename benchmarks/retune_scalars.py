@@ -1,6 +1,7 @@
 """Write a trained editor with its learned per-module scalars re-set: hparams overrides (e.g. the memory-aware
-solve's ``memory_init`` / ``corpus_init`` for an editor trained without it) and multipliers of its step size,
-β, α and e^λ, as chosen by benchmarks/validation_sweep.py on training data. The network is not changed.
+solve's ``memory_init`` / ``corpus_init`` for an editor trained without it; an ``*_init`` override sets that
+scalar in every module, also where the checkpoint holds its own) and multipliers of its step size, β, α and e^λ,
+as chosen by benchmarks/validation_sweep.py on training data. The network is not changed.
 Without ``--checkpoint`` it writes the untrained (identity-initialised) ``--method`` editor of ``--layers`` /
 ``--modules`` with the overrides as its hparams: a rule chosen on validation data, saved to load by name.
 
@@ -14,12 +15,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
+import torch
 from validation_sweep import scale_scalars
 
 from rledit.checkpoints import read_checkpoint
 from rledit.editor import Editor
 from rledit.files import command_line
+
+INITS = {"lr_init": "log_lr", "lambda_init": "ridge_log", "memory_init": "memory_log", "corpus_init": "corpus_log"}
+
+
+def set_scalars(net: torch.nn.Module, overrides: dict) -> None:
+    """Set every module's learned scalar named by an ``*_init`` override to that value: a checkpoint that holds
+    the scalar (a network trained with it, e.g. at α = 1 with the corpus term off) would otherwise keep its own,
+    since hparams only initialise the scalars a checkpoint does not hold."""
+    with torch.no_grad():
+        for key, name in INITS.items():
+            if key in overrides and float(overrides[key]) > 0:
+                value = float(overrides[key])
+                getattr(net, name).fill_(value if key == "lambda_init" else math.log(value))
 
 
 def main() -> None:
@@ -43,6 +59,7 @@ def main() -> None:
                                         layers=args.layers, modules=args.modules)
     else:
         editor = Editor.from_pretrained(args.model, checkpoint=args.checkpoint, hparams=overrides or None)
+    set_scalars(editor.method.hypernet, overrides)
     scale_scalars(editor.method.hypernet, scale)
     source = args.checkpoint or f"untrained {args.method}"
     trained = read_checkpoint(args.checkpoint).extra if args.checkpoint else {}

@@ -415,3 +415,22 @@ def test_contrast_rows_put_each_edit_in_other_subjects_and_keep_their_outputs(to
 
     with pytest.raises(ValueError, match="contrast_subjects"):
         RLEditHparams(contrast_subjects=-1)
+
+
+def test_retuning_sets_the_scalars_an_override_names_even_when_the_checkpoint_holds_them(tokenizer, monkeypatch):
+    """benchmarks/retune_scalars.py: a network trained with the corpus term off holds α = 1; the rule's override
+    corpus_init = 1000 (× the alpha scale) must reach it, as it reaches a network that holds no α."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from retune_scalars import set_scalars
+    from validation_sweep import scale_scalars
+
+    net = _editor(tokenizer).method.hypernet  # memory and corpus terms off: β = α = 1 held
+    before = net.scalars()
+    set_scalars(net, {"memory_init": 1.0, "corpus_init": 1000.0, "passes": 6})
+    scale_scalars(net, {"alpha": 0.6, "ridge": 0.1})
+    after = net.scalars()
+    assert all(abs(a - 600.0) < 1e-3 for a in after["alpha"]) and all(abs(b - 1.0) < 1e-6 for b in after["beta"])
+    assert after["lr"] == before["lr"]  # scalars no override names keep their learned values
+    assert all(abs(r - 0.1 * r0) < 1e-6 for r, r0 in zip(after["ridge"], before["ridge"]))
