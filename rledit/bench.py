@@ -133,20 +133,15 @@ def run_benchmark(model: torch.nn.Module, tokenizer, model_name: str, spec: Benc
     saved = read_progress(progress_dir, fingerprint) if resume and progress_dir is not None else None
     if probe is not None and general_unedited is None and saved is None:
         general_unedited = probe()  # before the editor exists: the model is unedited
-    if saved is not None:
+    if saved is not None:  # the editor as saved, with the random state of that moment
         editor = Editor.load(Path(progress_dir) / "editor", model=model, tokenizer=tokenizer)
         setup, floors, general_unedited = saved["setup"], list(saved["floors"]), saved["general_unedited"]
         torch.set_rng_state(saved["torch_rng"])
         random.setstate(saved["python_rng"])
     else:
-        modules = spec.modules
-        if getattr(get_method(spec.method), "edits_output_projection", False):
-            modules = [architecture_of(model).mlp_modules[-1]]
         start = time.perf_counter()
-        editor = Editor.from_pretrained(model, method=spec.method, hparams=spec.hparams, checkpoint=spec.checkpoint,
-                                        tokenizer=tokenizer, layers=spec.layers, modules=modules)
-        setup = time.perf_counter() - start
-        floors = []
+        editor = _new_editor(model, tokenizer, spec)
+        setup, floors = time.perf_counter() - start, []
     resumes = [*saved["resumes"], {"from_step": saved["progress"].steps_done, "command": command_line()}] \
         if saved is not None else []
     elapsed = saved["elapsed"] if saved is not None else 0.0  # seconds of the steps done before a resume
@@ -186,6 +181,14 @@ def run_benchmark(model: torch.nn.Module, tokenizer, model_name: str, spec: Benc
         summary["general"] = {"unedited": general_unedited, "edited": _without_position(result.general[-1]),
                               "curve": result.general, "tasks": GENERAL_TASKS}
     return summary, result
+
+
+def _new_editor(model: torch.nn.Module, tokenizer, spec: BenchSpec) -> Editor:
+    modules = spec.modules
+    if getattr(get_method(spec.method), "edits_output_projection", False):
+        modules = [architecture_of(model).mlp_modules[-1]]
+    return Editor.from_pretrained(model, method=spec.method, hparams=spec.hparams, checkpoint=spec.checkpoint,
+                                  tokenizer=tokenizer, layers=spec.layers, modules=modules)
 
 
 def discard_progress(progress_dir: str | Path | None) -> None:
