@@ -18,24 +18,27 @@ import json
 import math
 
 import torch
-from validation_sweep import scale_scalars
+from validation_sweep import SCALARS, scale_scalars
 
 from rledit.checkpoints import read_checkpoint
 from rledit.editor import Editor
 from rledit.files import command_line
 
-INITS = {"lr_init": "log_lr", "lambda_init": "ridge_log", "memory_init": "memory_log", "corpus_init": "corpus_log"}
+INITS = {"lr_init": "lr", "lambda_init": "ridge", "memory_init": "beta", "corpus_init": "alpha"}  # -> SCALARS
 
 
 def set_scalars(net: torch.nn.Module, overrides: dict) -> None:
     """Set every module's learned scalar named by an ``*_init`` override to that value: a checkpoint that holds
     the scalar (a network trained with it, e.g. at α = 1 with the corpus term off) would otherwise keep its own,
-    since hparams only initialise the scalars a checkpoint does not hold."""
+    since hparams only initialise the scalars a checkpoint does not hold. ``lambda_init`` is a log already; a
+    ``memory_init`` or ``corpus_init`` of 0 turns its term off and sets nothing."""
     with torch.no_grad():
-        for key, name in INITS.items():
-            if key in overrides and float(overrides[key]) > 0:
-                value = float(overrides[key])
-                getattr(net, name).fill_(value if key == "lambda_init" else math.log(value))
+        for key, scalar in INITS.items():
+            value = float(overrides.get(key, 0.0))
+            if key == "lambda_init" and key in overrides:
+                getattr(net, SCALARS[scalar]).fill_(value)
+            elif key != "lambda_init" and value > 0:
+                getattr(net, SCALARS[scalar]).fill_(math.log(value))
 
 
 def main() -> None:

@@ -434,3 +434,5 @@ def test_retuning_sets_the_scalars_an_override_names_even_when_the_checkpoint_ho
     assert all(abs(a - 600.0) < 1e-3 for a in after["alpha"]) and all(abs(b - 1.0) < 1e-6 for b in after["beta"])
     assert after["lr"] == before["lr"]  # scalars no override names keep their learned values
     assert all(abs(r - 0.1 * r0) < 1e-6 for r, r0 in zip(after["ridge"], before["ridge"]))
+    set_scalars(net, {"lambda_init": -2.0})  # a log already, and negative
+    assert all(abs(r - 2.718281828 ** -2.0) < 1e-6 for r in net.scalars()["ridge"])
