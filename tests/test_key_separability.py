@@ -34,3 +34,18 @@ def test_a_strong_c0_steers_the_edit_away_from_the_directions_it_covers(monkeypa
     spill_covered = measures(covered, edit, [edit[0]], nq, nq, rho=1e-3, first=False)["nq"]
     spill_plain = measures(plain, edit, [edit[0]], nq, nq, rho=1e-3, first=False)["nq"]
     assert spill_covered < 0.01 and spill_plain > 0.4
+
+
+def test_penalising_how_paraphrases_move_the_key_carries_the_edit_to_the_paraphrase(monkeypatch):
+    """A = C_0 + w·C_inv with C_inv along the paraphrase's shift: the edit stops reading that direction, so the
+    paraphrase's key moves by as much as the edit's own (transfer 1), where without it the shift costs transfer."""
+    measures = _measures(monkeypatch)
+    c0 = torch.diag(torch.tensor([0.1, 0.1, 1.0], dtype=torch.float64))
+    edit = [torch.tensor([[1.0, 1.0, 0.0]])]
+    paraphrase = [torch.tensor([[1.0, 0.2, 0.0]])]  # the paraphrase moves the key along the second coordinate
+    shift = (paraphrase[0] - edit[0]).double()
+    c_inv = shift.T @ shift
+    nq = [torch.tensor([[0.0, 0.0, 1.0]])]
+    plain = measures(c0, edit, paraphrase, nq, nq, rho=1e-3, first=False)["transfer"]
+    invariant = measures(c0 + 100.0 * c_inv, edit, paraphrase, nq, nq, rho=1e-3, first=False)["transfer"]
+    assert plain < 0.7 and abs(invariant - 1.0) < 0.01

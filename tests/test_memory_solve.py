@@ -436,3 +436,49 @@ def test_retuning_sets_the_scalars_an_override_names_even_when_the_checkpoint_ho
     assert all(abs(r - 0.1 * r0) < 1e-6 for r, r0 in zip(after["ridge"], before["ridge"]))
     set_scalars(net, {"lambda_init": -2.0})  # a log already, and negative
     assert all(abs(r - 2.718281828 ** -2.0) < 1e-6 for r in net.scalars()["ridge"])
+
+
+def test_paraphrase_invariance_adds_how_paraphrases_move_the_keys_to_c0(tokenizer, tmp_path, monkeypatch):
+    """invariance_weight w: C_0 + w·(tr C_0 / tr C_inv)·C_inv, where C_inv is the mean outer product of the
+    paraphrase-minus-prompt key at each answer position of training pairs (checked here against a direct reading
+    of every pair alone, unpadded)."""
+    from rledit.methods.memit.corpus import CorpusError, paraphrase_pairs
+    from rledit.tokens import encode
+
+    monkeypatch.setenv("RLEDIT_CACHE", str(tmp_path / "cache"))
+    settings = {"corpus_init": 10.0, "corpus": "zsre-train-questions", "stats_samples": 30, "invariance_samples": 12,
+                "stats_batch_size": 5}
+    plain, invariant = _editor(tokenizer, **settings), _editor(tokenizer, invariance_weight=0.5, **settings)
+    pairs = paraphrase_pairs("zsre-train-rephrases", 12)
+    assert len(pairs.prompts) == 12 and all(p != q for p, q in zip(pairs.prompts, pairs.paraphrases))
+    model, targets = invariant.model, invariant.targets
+    captured = {}
+    handles = [t.module.register_forward_hook(lambda m, args, out, name=t.name: captured.__setitem__(name, args[0]))
+               for t in targets]
+    sums, count = {t.name: 0.0 for t in targets}, 0
+    with torch.no_grad():
+        for prompt, paraphrase, answer in zip(pairs.prompts, pairs.paraphrases, pairs.answers):
+            keys = []
+            for text in (prompt, paraphrase):
+                batch = encode(tokenizer, [text], [answer])
+                model(input_ids=batch.input_ids)
+                keys.append({name: k[0][batch.answer_mask[0]].double() for name, k in captured.items()})
+            count += len(keys[0][targets[0].name])
+            for name, total in sums.items():
+                shift = keys[1][name] - keys[0][name]
+                sums[name] = total + shift.T @ shift
+    for handle in handles:
+        handle.remove()
+    for name, c_0 in plain.method.corpus_moments.items():
+        c_inv = sums[name] / count
+        expected = c_0 + 0.5 * (c_0.trace() / c_inv.trace()) * c_inv
+        assert torch.allclose(invariant.method.corpus_moments[name], expected, rtol=1e-4, atol=1e-6)
+    report = invariant.method.setup_report()["invariance"]
+    assert (report["n_pairs"], report["n_positions"], report["weight"]) == (12, count, 0.5)
+    assert _editor(tokenizer, invariance_weight=0.5, **settings).method.setup_report()["invariance"]["cached"]
+    with pytest.raises(ValueError, match="corpus_init"):
+        RLEditHparams(invariance_weight=1.0)
+    with pytest.raises(ValueError, match="invariance must be one of"):
+        RLEditHparams(corpus_init=1.0, invariance_weight=1.0, invariance="sst2")
+    with pytest.raises(CorpusError, match="unknown paraphrase source"):
+        paraphrase_pairs("sst2", 5)

@@ -18,6 +18,7 @@ from rledit.data.files import data_dir
 BUNDLED_CORPORA = {"sst2": "corpus/sst2_sentences.txt.gz"}  # name -> file under the data folder
 QUESTION_CORPORA = ("zsre-train-questions", "zsre-train-facts", "counterfact-train-facts")  # built from the bundled training splits
 SUBJECT_CORPORA = ("zsre-train-subjects", "counterfact-train-subjects")  # training prompts that know their subject
+PARAPHRASE_SOURCES = ("zsre-train-rephrases", "counterfact-train-rephrases")  # training prompts with a paraphrase
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
@@ -157,6 +158,41 @@ def _subject_corpus(data: str, limit: int) -> Corpus:
         raise CorpusError(f"the {data} training split holds no prompts that name their subject")
     digest = hashlib.sha256(dataset_file(data, "train").read_bytes()).hexdigest()[:12]
     return Corpus(texts[:limit], f"{data}_train_subjects-{digest}", subject_ends=ends[:limit])
+
+
+@dataclass(frozen=True)
+class ParaphrasePairs:
+    """Prompts, a paraphrase of each and the answer both are asked for, with an identifier of their content."""
+
+    prompts: list[str]
+    paraphrases: list[str]
+    answers: list[str]
+    identifier: str
+
+
+def paraphrase_pairs(source: str, limit: int) -> ParaphrasePairs:
+    """"zsre-train-rephrases" / "counterfact-train-rephrases": the first ``limit`` (prompt, paraphrase, new target)
+    triples of the training records in the "train" half of :mod:`rledit.eval.relations` (one per paraphrase of
+    a record), in file order; a prompt of the other half is never in them, so a validation stream drawn from that
+    half is not in statistics made from them."""
+    if source not in PARAPHRASE_SOURCES:
+        raise CorpusError(f"unknown paraphrase source {source!r}; known: {', '.join(PARAPHRASE_SOURCES)}")
+    if limit < 1:
+        raise CorpusError(f"the number of paraphrase pairs must be >= 1, got {limit}")
+    from rledit.data import dataset_file, load_requests
+    from rledit.eval.relations import in_half
+
+    data = source.split("-", 1)[0]
+    records = load_requests(data, split="train")
+    held_out = _metric_half_prompts(records, rephrases=True)
+    triples = [(record.prompt.rstrip(), rephrase.rstrip(), record.target_new.strip()) for record in records
+               if in_half(record, "train") and record.prompt.rstrip() not in held_out
+               for rephrase in record.rephrase_prompts if rephrase.strip() and rephrase.rstrip() not in held_out]
+    if not triples:
+        raise CorpusError(f"the {data} training split holds no paraphrased prompts")
+    digest = hashlib.sha256(dataset_file(data, "train").read_bytes()).hexdigest()[:12]
+    prompts, paraphrases, answers = (list(column) for column in zip(*triples[:limit]))
+    return ParaphrasePairs(prompts, paraphrases, answers, f"{data}_train_rephrases-{digest}")
 
 
 def _metric_half_prompts(records: list, rephrases: bool) -> set[str]:

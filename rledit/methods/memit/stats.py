@@ -12,6 +12,7 @@ can still report it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -29,11 +30,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rledit.files import atomic_file
-from rledit.methods.memit.corpus import QUESTION_CORPORA, SUBJECT_CORPORA, Corpus, load_corpus
+from rledit.methods.memit.corpus import (
+    QUESTION_CORPORA,
+    SUBJECT_CORPORA,
+    Corpus,
+    ParaphrasePairs,
+    load_corpus,
+    paraphrase_pairs,
+)
 from rledit.methods.runtime import frozen_model
 from rledit.models import cache_root
 from rledit.targets import EditTarget, find_blocks
-from rledit.tokens import text_ids
+from rledit.tokens import encode, model_inputs, text_ids
 
 STATS_FORMAT = "rledit-key-stats-v1"
 POSITIONS = ("all", "answers", "subjects")  # which tokens of each corpus text the statistics count
@@ -226,6 +234,77 @@ def compute_second_moments(model: nn.Module, tokenizer: Any, targets: Sequence[E
         for handle in handles:
             handle.remove()
     return {name: total / max(n_tokens, 1) for name, total in sums.items()}, n_tokens
+
+
+def load_or_compute_invariance(model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget], source: str,
+                               samples: int, batch_size: int) -> KeyStatistics:
+    """Per edited module the second moment E[(k' - k)(k' - k)ᵀ] of how a paraphrase moves the module's input:
+    k at an answer position of a training prompt asked for its new target, k' at the same answer position of a
+    paraphrase of it (``source``, :func:`rledit.methods.memit.corpus.paraphrase_pairs`; its first ``samples``
+    pairs). A solve that penalises these directions writes edits that read the same through a paraphrase
+    (rledit's ``invariance_weight``). Cached like the corpus statistics; ``n_texts`` counts pairs, ``n_tokens``
+    the answer positions compared."""
+    pairs = paraphrase_pairs(source, samples)
+    path, description = statistics_file(model, targets, pairs.identifier, samples, 0, positions="paraphrase-shifts")
+    device = next(model.parameters()).device
+    if path.is_file():
+        return _read(path, targets, device)
+    start = time.perf_counter()
+    moments, n_rows = compute_paraphrase_shifts(model, tokenizer, targets, pairs, batch_size)
+    seconds = time.perf_counter() - start
+    _write(path, {name: m.to(torch.float32) for name, m in moments.items()},
+           dict(description, n_texts=len(pairs.prompts), n_tokens=n_rows, compute_seconds=seconds))
+    return KeyStatistics(moments, len(pairs.prompts), n_rows, seconds, path, cached=False)
+
+
+def compute_paraphrase_shifts(model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget], pairs: ParaphrasePairs,
+                              batch_size: int) -> tuple[dict[str, torch.Tensor], int]:
+    """E[(k' - k)(k' - k)ᵀ] (fp64) of every target's inputs over the answer positions of ``pairs`` (see
+    :func:`load_or_compute_invariance`), and the number of positions compared. A pair whose two rows tokenise
+    the answer into different numbers of tokens is left out."""
+    device = next(model.parameters()).device
+    sums = {t.name: torch.zeros(t.d_in, t.d_in, dtype=torch.float64, device=device) for t in targets}
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(target: EditTarget):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            captured[target.name] = args[0].to(torch.float32)
+        return hook
+
+    def stop(module: nn.Module, args: tuple, output: Any) -> None:
+        raise _StopForward
+
+    def read_answer_keys(texts: list[str], answers: list[str]) -> dict[str, list[torch.Tensor]]:
+        """Per target, per text, its inputs at the answer positions (n_answer_tokens, d_in)."""
+        batch = encode(tokenizer, texts, answers)
+        with contextlib.suppress(_StopForward):
+            model(**model_inputs(model, batch), use_cache=False)
+        mask = batch.answer_mask.to(device)
+        return {name: [keys[row][mask[row]] for row in range(len(texts))] for name, keys in captured.items()}
+
+    handles = [t.module.register_forward_hook(capture(t)) for t in targets]
+    handles.append(find_blocks(model)[max(t.layer for t in targets)][1].register_forward_hook(stop))
+    n_rows = 0
+    try:
+        with frozen_model(model), tqdm(total=len(pairs.prompts), desc="paraphrase shifts", unit="pair") as bar:
+            for begin in range(0, len(pairs.prompts), batch_size):
+                answers = pairs.answers[begin:begin + batch_size]
+                prompt_keys = read_answer_keys(pairs.prompts[begin:begin + batch_size], answers)
+                paraphrase_keys = read_answer_keys(pairs.paraphrases[begin:begin + batch_size], answers)
+                for name, total in sums.items():
+                    shifts = [after - before for before, after in zip(prompt_keys[name], paraphrase_keys[name])
+                              if before.shape == after.shape]
+                    if shifts:
+                        rows = torch.cat(shifts)
+                        total += (rows.T @ rows).to(torch.float64)
+                n_rows += sum(len(before) for before, after in zip(prompt_keys[targets[0].name],
+                                                                   paraphrase_keys[targets[0].name])
+                              if before.shape == after.shape)
+                bar.update(len(answers))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: total / max(n_rows, 1) for name, total in sums.items()}, n_rows
 
 
 def _answer_positions(tokenizer: Any, texts: list[str], starts: list[int], attention: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from rledit.methods.memit.contexts import check_context_lengths
+from rledit.methods.memit.corpus import PARAPHRASE_SOURCES
 
 NORMALIZER_MODES = ("frozen", "lifelong")
 LOC_REFERENCES = ("previous", "unedited")
@@ -195,6 +196,13 @@ class RLEditHparams:
         corpus_rank: keep only C_0's leading ``corpus_rank`` eigen-directions (None, the default: all of it), so
             that α weighs what the corpus keys share (e.g. what every subject's key has in common) and leaves
             the directions particular to one key free.
+        invariance_weight: w > 0 adds to C_0 the second moment C_inv of how a paraphrase moves the edited
+            modules' inputs at the answer positions (``invariance``, pairs of training prompts and their
+            paraphrases; :func:`rledit.methods.memit.stats.load_or_compute_invariance`), scaled to w times C_0's
+            trace: the corpus penalty becomes α(C_0 + w·(tr C_0 / tr C_inv)·C_inv), so each edit is written along
+            directions a paraphrase does not move and carries over to it. Needs corpus_init > 0. 0 (default): off.
+        invariance: the pairs C_inv is estimated on ("zsre-train-rephrases" or "counterfact-train-rephrases",
+            the "train" half of the training split); invariance_samples: how many pairs.
         passes: edit passes per step at edit time (rledit.methods.rledit.method, step 5). Pass 1 is the update above; each further
             pass captures the step's features again on the model with the passes so far applied and adds the
             update of what is still missing, through the same solve (rank ≤ passes·N). 1 (default) is the
@@ -244,6 +252,9 @@ class RLEditHparams:
     stats_batch_size: int = 32
     corpus_positions: Literal["all", "answers", "subjects"] = "all"
     corpus_rank: int | None = None
+    invariance_weight: float = 0.0
+    invariance: str = "zsre-train-rephrases"
+    invariance_samples: int = 2000
     passes: int = 1
     refine: Literal["network", "gradient"] = "network"
     key_positions: Literal["answer", "answer+subject", "subject"] = "answer"
@@ -289,7 +300,13 @@ class RLEditHparams:
                  f"corpus_positions must be one of {CORPUS_POSITIONS}, got {self.corpus_positions!r}")
         _require(self.corpus_rank is None or self.corpus_rank >= 1,
                  f"corpus_rank must be >= 1 or None (all of C_0), got {self.corpus_rank}")
-        for name in ("stats_samples", "stats_max_length", "stats_batch_size"):
+        _require(self.invariance_weight >= 0, f"invariance_weight must be >= 0 (0 turns it off), got "
+                                              f"{self.invariance_weight}")
+        _require(self.invariance_weight == 0 or self.corpus_init > 0,
+                 "invariance_weight joins the corpus penalty α(C_0 + w·C_inv): it needs corpus_init > 0")
+        _require(self.invariance in PARAPHRASE_SOURCES,
+                 f"invariance must be one of {PARAPHRASE_SOURCES}, got {self.invariance!r}")
+        for name in ("stats_samples", "stats_max_length", "stats_batch_size", "invariance_samples"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(
             self.normalizer in NORMALIZER_MODES,

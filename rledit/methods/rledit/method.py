@@ -100,6 +100,24 @@ class RLEditMethod(EditMethod):
                 "file": str(stats.path), "cached": stats.cached, "n_texts": stats.n_texts, "n_tokens": stats.n_tokens,
                 "compute_seconds": round(stats.compute_seconds, 3), "positions": hp.corpus_positions,
                 "rank": hp.corpus_rank}
+        if getattr(hp, "invariance_weight", 0) > 0:
+            self._add_invariance(model, tokenizer, targets, device)
+
+    def _add_invariance(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget],
+                        device: torch.device) -> None:
+        """C_0 ← C_0 + w·(tr C_0 / tr C_inv)·C_inv per module (``invariance_weight``, RLEditHparams)."""
+        from rledit.methods.memit.stats import load_or_compute_invariance
+
+        hp = self.hparams
+        shifts = load_or_compute_invariance(model, tokenizer, targets, hp.invariance, hp.invariance_samples,
+                                            hp.stats_batch_size)
+        for name, c_inv in shifts.second_moments.items():
+            c_0, c_inv = self.corpus_moments[name], c_inv.to(device, torch.float64)
+            self.corpus_moments[name] = c_0 + hp.invariance_weight * (c_0.trace() / c_inv.trace()) * c_inv
+        self.statistics_report["invariance"] = {
+            "file": str(shifts.path), "cached": shifts.cached, "source": hp.invariance, "n_pairs": shifts.n_texts,
+            "n_positions": shifts.n_tokens, "compute_seconds": round(shifts.compute_seconds, 3),
+            "weight": hp.invariance_weight}
 
     def setup_report(self) -> dict[str, Any]:
         """Where the corpus statistics C_0 came from and the context prefixes (when the editor uses them)."""
