@@ -482,3 +482,30 @@ def test_paraphrase_invariance_adds_how_paraphrases_move_the_keys_to_c0(tokenize
         RLEditHparams(corpus_init=1.0, invariance_weight=1.0, invariance="sst2")
     with pytest.raises(CorpusError, match="unknown paraphrase source"):
         paraphrase_pairs("sst2", 5)
+
+
+def test_paraphrase_shifts_at_the_subject_compare_each_pair_at_its_subjects_last_token(tokenizer):
+    """positions="subjects" (a subject-keyed rule): one row per pair, the key at the subject's last token of the
+    paraphrase minus that of the prompt, whatever the padding."""
+    from rledit.methods.memit.corpus import paraphrase_pairs
+    from rledit.methods.memit.stats import compute_paraphrase_shifts
+    from rledit.tokens import subject_last_token
+
+    editor = _editor(tokenizer)
+    pairs = paraphrase_pairs("counterfact-train-rephrases", 6)
+    moments, count = compute_paraphrase_shifts(editor.model, tokenizer, editor.targets, pairs, batch_size=4,
+                                               positions="subjects")
+    assert count == 6
+    target = editor.targets[0]
+    captured = {}
+    handle = target.module.register_forward_hook(lambda m, args, out: captured.__setitem__("keys", args[0]))
+    total = 0.0
+    with torch.no_grad():
+        for prompt, paraphrase, subject in zip(pairs.prompts, pairs.paraphrases, pairs.subjects):
+            keys = []
+            for text in (prompt, paraphrase):
+                editor.model(input_ids=torch.tensor([tokenizer(text)["input_ids"]]))
+                keys.append(captured["keys"][0, subject_last_token(tokenizer, text, subject)].double())
+            total = total + torch.outer(keys[1] - keys[0], keys[1] - keys[0])
+    handle.remove()
+    assert torch.allclose(moments[target.name], total / 6, rtol=1e-4, atol=1e-6)

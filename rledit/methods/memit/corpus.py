@@ -167,12 +167,13 @@ class ParaphrasePairs:
     prompts: list[str]
     paraphrases: list[str]
     answers: list[str]
+    subjects: list[str]  # each prompt's subject ("" when the record names none)
     identifier: str
 
 
 def paraphrase_pairs(source: str, limit: int) -> ParaphrasePairs:
-    """"zsre-train-rephrases" / "counterfact-train-rephrases": the first ``limit`` (prompt, paraphrase, new target)
-    triples of the training records in the "train" half of :mod:`rledit.eval.relations` (one per paraphrase of
+    """"zsre-train-rephrases" / "counterfact-train-rephrases": the first ``limit`` (prompt, paraphrase, new target,
+    subject) rows of the training records in the "train" half of :mod:`rledit.eval.relations` (one per paraphrase of
     a record), in file order; a prompt of the other half is never in them, so a validation stream drawn from that
     half is not in statistics made from them."""
     if source not in PARAPHRASE_SOURCES:
@@ -185,14 +186,15 @@ def paraphrase_pairs(source: str, limit: int) -> ParaphrasePairs:
     data = source.split("-", 1)[0]
     records = load_requests(data, split="train")
     held_out = _metric_half_prompts(records, rephrases=True)
-    triples = [(record.prompt.rstrip(), rephrase.rstrip(), record.target_new.strip()) for record in records
+    rows = [(record.prompt.rstrip(), rephrase.rstrip(), record.target_new.strip(), (record.subject or "").strip())
+            for record in records
                if in_half(record, "train") and record.prompt.rstrip() not in held_out
                for rephrase in record.rephrase_prompts if rephrase.strip() and rephrase.rstrip() not in held_out]
-    if not triples:
+    if not rows:
         raise CorpusError(f"the {data} training split holds no paraphrased prompts")
     digest = hashlib.sha256(dataset_file(data, "train").read_bytes()).hexdigest()[:12]
-    prompts, paraphrases, answers = (list(column) for column in zip(*triples[:limit]))
-    return ParaphrasePairs(prompts, paraphrases, answers, f"{data}_train_rephrases-{digest}")
+    prompts, paraphrases, answers, subjects = (list(column) for column in zip(*rows[:limit]))
+    return ParaphrasePairs(prompts, paraphrases, answers, subjects, f"{data}_train_rephrases-{digest}")
 
 
 def _metric_half_prompts(records: list, rephrases: bool) -> set[str]:

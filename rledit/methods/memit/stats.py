@@ -41,7 +41,7 @@ from rledit.methods.memit.corpus import (
 from rledit.methods.runtime import frozen_model
 from rledit.models import cache_root
 from rledit.targets import EditTarget, find_blocks
-from rledit.tokens import encode, model_inputs, text_ids
+from rledit.tokens import encode, model_inputs, subject_end, subject_last_token, subject_positions, text_ids
 
 STATS_FORMAT = "rledit-key-stats-v1"
 POSITIONS = ("all", "answers", "subjects")  # which tokens of each corpus text the statistics count
@@ -237,7 +237,7 @@ def compute_second_moments(model: nn.Module, tokenizer: Any, targets: Sequence[E
 
 
 def load_or_compute_invariance(model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget], source: str,
-                               samples: int, batch_size: int) -> KeyStatistics:
+                               samples: int, batch_size: int, positions: str = "answers") -> KeyStatistics:
     """Per edited module the second moment E[(k' - k)(k' - k)ᵀ] of how a paraphrase moves the module's input:
     k at an answer position of a training prompt asked for its new target, k' at the same answer position of a
     paraphrase of it (``source``, :func:`rledit.methods.memit.corpus.paraphrase_pairs`; its first ``samples``
@@ -250,7 +250,7 @@ def load_or_compute_invariance(model: nn.Module, tokenizer: Any, targets: Sequen
     if path.is_file():
         return _read(path, targets, device)
     start = time.perf_counter()
-    moments, n_rows = compute_paraphrase_shifts(model, tokenizer, targets, pairs, batch_size)
+    moments, n_rows = compute_paraphrase_shifts(model, tokenizer, targets, pairs, batch_size, positions)
     seconds = time.perf_counter() - start
     _write(path, {name: m.to(torch.float32) for name, m in moments.items()},
            dict(description, n_texts=len(pairs.prompts), n_tokens=n_rows, compute_seconds=seconds))
@@ -258,10 +258,10 @@ def load_or_compute_invariance(model: nn.Module, tokenizer: Any, targets: Sequen
 
 
 def compute_paraphrase_shifts(model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget], pairs: ParaphrasePairs,
-                              batch_size: int) -> tuple[dict[str, torch.Tensor], int]:
+                              batch_size: int, positions: str = "answers") -> tuple[dict[str, torch.Tensor], int]:
     """E[(k' - k)(k' - k)ᵀ] (fp64) of every target's inputs over the answer positions of ``pairs`` (see
-    :func:`load_or_compute_invariance`), and the number of positions compared. A pair whose two rows tokenise
-    the answer into different numbers of tokens is left out."""
+    :func:`load_or_compute_invariance`; or at the subject's last token), and the number of positions compared. A
+    pair whose two rows tokenise the answer into different numbers of tokens is left out."""
     device = next(model.parameters()).device
     sums = {t.name: torch.zeros(t.d_in, t.d_in, dtype=torch.float64, device=device) for t in targets}
     captured: dict[str, torch.Tensor] = {}
@@ -274,12 +274,17 @@ def compute_paraphrase_shifts(model: nn.Module, tokenizer: Any, targets: Sequenc
     def stop(module: nn.Module, args: tuple, output: Any) -> None:
         raise _StopForward
 
-    def read_answer_keys(texts: list[str], answers: list[str]) -> dict[str, list[torch.Tensor]]:
-        """Per target, per text, its inputs at the answer positions (n_answer_tokens, d_in)."""
+    def read_keys(texts: list[str], answers: list[str], subjects: list[str]) -> dict[str, list[torch.Tensor]]:
+        """Per target, per text, its inputs at the answer positions (n_answer_tokens, d_in), or at the subject's
+        last token (1, d_in)."""
         batch = encode(tokenizer, texts, answers)
+        mask = batch.answer_mask
+        if positions == "subjects":
+            mask = torch.zeros_like(mask)
+            mask[subject_positions(batch, [subject_last_token(tokenizer, t, s) for t, s in zip(texts, subjects)])] = True
         with contextlib.suppress(_StopForward):
             model(**model_inputs(model, batch), use_cache=False)
-        mask = batch.answer_mask.to(device)
+        mask = mask.to(device)
         return {name: [keys[row][mask[row]] for row in range(len(texts))] for name, keys in captured.items()}
 
     handles = [t.module.register_forward_hook(capture(t)) for t in targets]
@@ -288,9 +293,15 @@ def compute_paraphrase_shifts(model: nn.Module, tokenizer: Any, targets: Sequenc
     try:
         with frozen_model(model), tqdm(total=len(pairs.prompts), desc="paraphrase shifts", unit="pair") as bar:
             for begin in range(0, len(pairs.prompts), batch_size):
-                answers = pairs.answers[begin:begin + batch_size]
-                prompt_keys = read_answer_keys(pairs.prompts[begin:begin + batch_size], answers)
-                paraphrase_keys = read_answer_keys(pairs.paraphrases[begin:begin + batch_size], answers)
+                chunk = [row for row in range(begin, min(begin + batch_size, len(pairs.prompts)))
+                         if positions == "answers" or all(pairs.subjects[row] and subject_end(text, pairs.subjects[row])
+                                                          for text in (pairs.prompts[row], pairs.paraphrases[row]))]
+                bar.update(min(batch_size, len(pairs.prompts) - begin))
+                if not chunk:
+                    continue
+                answers, subjects = [pairs.answers[r] for r in chunk], [pairs.subjects[r] for r in chunk]
+                prompt_keys = read_keys([pairs.prompts[r] for r in chunk], answers, subjects)
+                paraphrase_keys = read_keys([pairs.paraphrases[r] for r in chunk], answers, subjects)
                 for name, total in sums.items():
                     shifts = [after - before for before, after in zip(prompt_keys[name], paraphrase_keys[name])
                               if before.shape == after.shape]
@@ -300,7 +311,6 @@ def compute_paraphrase_shifts(model: nn.Module, tokenizer: Any, targets: Sequenc
                 n_rows += sum(len(before) for before, after in zip(prompt_keys[targets[0].name],
                                                                    paraphrase_keys[targets[0].name])
                               if before.shape == after.shape)
-                bar.update(len(answers))
     finally:
         for handle in handles:
             handle.remove()

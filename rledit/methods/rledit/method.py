@@ -109,14 +109,15 @@ class RLEditMethod(EditMethod):
         from rledit.methods.memit.stats import load_or_compute_invariance
 
         hp = self.hparams
+        positions = "subjects" if hp.key_positions == "subject" else "answers"
         shifts = load_or_compute_invariance(model, tokenizer, targets, hp.invariance, hp.invariance_samples,
-                                            hp.stats_batch_size)
+                                            hp.stats_batch_size, positions)
         for name, c_inv in shifts.second_moments.items():
             c_0, c_inv = self.corpus_moments[name], c_inv.to(device, torch.float64)
             self.corpus_moments[name] = c_0 + hp.invariance_weight * (c_0.trace() / c_inv.trace()) * c_inv
         self.statistics_report["invariance"] = {
             "file": str(shifts.path), "cached": shifts.cached, "source": hp.invariance, "n_pairs": shifts.n_texts,
-            "n_positions": shifts.n_tokens, "compute_seconds": round(shifts.compute_seconds, 3),
+            "positions": positions, "n_positions": shifts.n_tokens, "compute_seconds": round(shifts.compute_seconds, 3),
             "weight": hp.invariance_weight}
 
     def setup_report(self) -> dict[str, Any]:
