@@ -484,14 +484,20 @@ def test_paraphrase_invariance_adds_how_paraphrases_move_the_keys_to_c0(tokenize
         paraphrase_pairs("sst2", 5)
 
 
-def test_paraphrase_shifts_at_the_subject_compare_each_pair_at_its_subjects_last_token(tokenizer):
+def test_paraphrase_shifts_at_the_subject_compare_each_pair_at_its_subjects_last_token(tokenizer, tmp_path,
+                                                                                        monkeypatch):
     """positions="subjects" (a subject-keyed rule): one row per pair, the key at the subject's last token of the
-    paraphrase minus that of the prompt, whatever the padding."""
+    paraphrase minus that of the prompt, whatever the padding; cached apart from the answer positions."""
     from rledit.methods.memit.corpus import paraphrase_pairs
-    from rledit.methods.memit.stats import compute_paraphrase_shifts
+    from rledit.methods.memit.stats import compute_paraphrase_shifts, load_or_compute_invariance
     from rledit.tokens import subject_last_token
 
+    monkeypatch.setenv("RLEDIT_CACHE", str(tmp_path / "cache"))
     editor = _editor(tokenizer)
+    cached = {where: load_or_compute_invariance(editor.model, tokenizer, editor.targets, "counterfact-train-rephrases",
+                                                6, 4, where) for where in ("answers", "subjects")}
+    assert cached["answers"].path != cached["subjects"].path and cached["subjects"].n_tokens == 6
+    assert cached["answers"].n_tokens > 6
     pairs = paraphrase_pairs("counterfact-train-rephrases", 6)
     moments, count = compute_paraphrase_shifts(editor.model, tokenizer, editor.targets, pairs, batch_size=4,
                                                positions="subjects")

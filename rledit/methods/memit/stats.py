@@ -242,10 +242,14 @@ def load_or_compute_invariance(model: nn.Module, tokenizer: Any, targets: Sequen
     k at an answer position of a training prompt asked for its new target, k' at the same answer position of a
     paraphrase of it (``source``, :func:`rledit.methods.memit.corpus.paraphrase_pairs`; its first ``samples``
     pairs). A solve that penalises these directions writes edits that read the same through a paraphrase
-    (rledit's ``invariance_weight``). Cached like the corpus statistics; ``n_texts`` counts pairs, ``n_tokens``
-    the answer positions compared."""
+    (rledit's ``invariance_weight``). ``positions="subjects"`` compares the subject's last token instead, where
+    a subject-keyed edit writes (pairs whose prompt or paraphrase does not name the subject are left out). Cached
+    like the corpus statistics; ``n_texts`` counts pairs, ``n_tokens`` the positions compared."""
+    if positions not in ("answers", "subjects"):
+        raise ValueError(f"paraphrase shifts are read at 'answers' or 'subjects', got {positions!r}")
     pairs = paraphrase_pairs(source, samples)
-    path, description = statistics_file(model, targets, pairs.identifier, samples, 0, positions="paraphrase-shifts")
+    where = "paraphrase-shifts" if positions == "answers" else "paraphrase-shifts-subjects"  # (part of the cache key)
+    path, description = statistics_file(model, targets, pairs.identifier, samples, 0, positions=where)
     device = next(model.parameters()).device
     if path.is_file():
         return _read(path, targets, device)
