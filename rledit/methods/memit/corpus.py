@@ -187,9 +187,8 @@ def paraphrase_pairs(source: str, limit: int) -> ParaphrasePairs:
     records = load_requests(data, split="train")
     held_out = _metric_half_prompts(records, rephrases=True)
     rows = [(record.prompt.rstrip(), rephrase.rstrip(), record.target_new.strip(), (record.subject or "").strip())
-            for record in records
-               if in_half(record, "train") and record.prompt.rstrip() not in held_out
-               for rephrase in record.rephrase_prompts if rephrase.strip() and rephrase.rstrip() not in held_out]
+            for record in records if in_half(record, "train") and record.prompt.rstrip() not in held_out
+            for rephrase in record.rephrase_prompts if rephrase.strip() and rephrase.rstrip() not in held_out]
     if not rows:
         raise CorpusError(f"the {data} training split holds no paraphrased prompts")
     digest = hashlib.sha256(dataset_file(data, "train").read_bytes()).hexdigest()[:12]
