@@ -231,3 +231,15 @@ bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-p
 # Where an edit's keys stand apart from NQ questions and same-template questions, every layer (experiment log 32)
 .venv/bin/python benchmarks/key_separability.py --records 300 --corpus-samples 600 --rho 0.01 0.1 1 \
   --out benchmarks/results/key-separability
+.venv/bin/python benchmarks/key_separability.py --records 300 --corpus-samples 600 --layers 24 25 26 27 \
+  --invariance 0 0.3 1 3 --rho 0.01 0.1 1 --invariance-pairs 2000 --out benchmarks/results/key-separability/invariance
+
+# Paraphrase invariance (experiment log 35): the CounterFact rule with C_0 + 0.3·C_inv (how training paraphrases move
+# the subject's key), as shipped and with nine passes at lr 0.17 (chosen on benchmarks/results/sweeps/invariance/)
+bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20 \
+  --methods rledit:smollm2-135m-counterfact --set method.invariance_weight=0.3 method.invariance=counterfact-train-rephrases \
+  --label "rledit:smollm2-135m-counterfact + paraphrase invariance 0.3"
+retune rledit/editors/smollm2-135m-counterfact '{"invariance_weight": 0.3, "invariance": "counterfact-train-rephrases", "passes": 9, "pass_positions": ["subject", "subject", "subject", "subject", "subject", "subject", "subject", "subject"], "scale": {"lr": 0.773}}' invariance counterfact-invariance-nine
+bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20 \
+  --methods rledit:benchmarks/results/training/counterfact-invariance-nine \
+  --label "rledit:counterfact-invariance-nine (paraphrase invariance 0.3, nine passes, lr 0.17)"
