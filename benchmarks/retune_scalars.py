@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 
 import torch
 from validation_sweep import SCALARS, scale_scalars
@@ -61,7 +62,9 @@ def main() -> None:
         editor = Editor.from_pretrained(args.model, method=args.method, hparams=overrides or None,
                                         layers=args.layers, modules=args.modules)
     else:
-        editor = Editor.from_pretrained(args.model, checkpoint=args.checkpoint, hparams=overrides or None)
+        with warnings.catch_warnings():  # (the held scalars an override names are set just below)
+            warnings.filterwarnings("ignore", message="checkpoint .* holds its learned")
+            editor = Editor.from_pretrained(args.model, checkpoint=args.checkpoint, hparams=overrides or None)
     set_scalars(editor.method.hypernet, overrides)
     scale_scalars(editor.method.hypernet, scale)
     source = args.checkpoint or f"untrained {args.method}"

@@ -47,6 +47,9 @@ METHOD_STATE_FILE = "method_state.safetensors"
 DELTAS_DIR = "deltas"
 
 
+HELD_SCALARS = {"lr_init": "log_lr", "lambda_init": "ridge_log", "memory_init": "memory_log",
+                "corpus_init": "corpus_log"}  # hparams override -> the learned tensor a checkpoint may hold
+
 class EditorError(ValueError):
     """An editor that cannot be built, loaded or saved as asked."""
 
@@ -149,6 +152,12 @@ class Editor:
             if unknown:
                 raise EditorError(f"hparams {unknown} are not settings of a {saved.method} editor: {sorted(fields)}")
             method, hparams = saved.method, {**saved.hparams, **overrides}
+            held = [key for key, tensor in HELD_SCALARS.items() if key in overrides and tensor in saved.state
+                    and overrides[key] != saved.hparams.get(key)]
+            if held:
+                warnings.warn(f"checkpoint {checkpoint} holds its learned {held} values, which these overrides do not "
+                              "change (they only set the initial value of a new network); set the held values with "
+                              "benchmarks/retune_scalars.py", stacklevel=2)
             for given, fixed, what in ((layers, saved.layers, "layers"), (modules, saved.modules, "modules")):
                 if given is not None and list(given) != list(fixed):
                     raise EditorError(f"checkpoint {checkpoint} edits {what} {list(fixed)}; {what}={list(given)} "

@@ -2,6 +2,8 @@
 tiny model: the plain solve is unchanged, the penalised solve is the normal-equation solution, the memory
 follows applies, reverts, saves and loads exactly, and a checkpoint never carries it."""
 
+import warnings
+
 import pytest
 import torch
 from test_rledit_net import SHAPES, dense_ridge, make_method, random_features
@@ -515,3 +517,18 @@ def test_paraphrase_shifts_at_the_subject_compare_each_pair_at_its_subjects_last
             total = total + torch.outer(keys[1] - keys[0], keys[1] - keys[0])
     handle.remove()
     assert torch.allclose(moments[target.name], total / 6, rtol=1e-4, atol=1e-6)
+
+
+def test_an_override_of_a_scalar_the_checkpoint_holds_is_flagged(tokenizer, tmp_path):
+    """lr_init / lambda_init / memory_init / corpus_init only set a new network's initial values: on a checkpoint
+    that holds the learned value the override changes nothing, and the editor says so."""
+    _editor(tokenizer, memory_init=2.0).save_checkpoint(tmp_path / "ckpt")
+    with pytest.warns(UserWarning, match=r"holds its learned \['lr_init'\]"):
+        editor = Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, checkpoint=tmp_path / "ckpt",
+                                        hparams={"lr_init": 9.0, "passes": 2})
+    assert editor.method.hparams.passes == 2 and not torch.allclose(editor.method.hypernet.log_lr.exp(),
+                                                                    torch.full((4,), 9.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, checkpoint=tmp_path / "ckpt",
+                               hparams={"passes": 2, "lr_init": 30.0})  # the held value's own initial value: fine
