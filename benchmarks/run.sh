@@ -243,3 +243,6 @@ retune rledit/editors/smollm2-135m-counterfact '{"invariance_weight": 0.3, "inva
 bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20 \
   --methods rledit:benchmarks/results/training/counterfact-invariance-nine \
   --label "rledit:counterfact-invariance-nine (paraphrase invariance 0.3, nine passes, lr 0.17)"
+
+# How AlphaEdit's null space moves with the amount of text behind its key statistics (30k and 300k tokens so far)
+.venv/bin/python benchmarks/key_statistics_study.py --tokens 30000 300000 --out benchmarks/results/key-statistics
