@@ -45,7 +45,9 @@ from rledit.eval.protocols import as_question
 from rledit.eval.relations import same_relation_pair
 from rledit.files import command_line, write_text_atomically
 from rledit.methods.memit.corpus import load_corpus, paraphrase_pairs
+from rledit.methods.memit.stats import compute_paraphrase_shifts
 from rledit.models import load_model
+from rledit.targets import resolve_targets
 from rledit.tokens import encode, model_inputs
 
 SITES = {"mlp_in": "gate_proj", "down_in": "down_proj"}  # site -> the module whose input is read
@@ -87,22 +89,15 @@ def read_keys(model, tokenizer, prompts: list[str], answers: list[str] | None, b
     return out if answers is not None else {key: gram / count for key, gram in out.items()}
 
 
-def paraphrase_shift_moments(model, tokenizer, pairs, batch: int, only: list[int] | None,
-                             chunk: int = 256) -> dict[tuple[int, str], torch.Tensor]:
+def paraphrase_shift_moments(model, tokenizer, pairs, batch: int,
+                             only: list[int] | None) -> dict[tuple[int, str], torch.Tensor]:
     """(layer, site) -> C_inv = E[(k' - k)(k' - k)ᵀ] (fp64) over the answer positions of training prompts k and
-    their paraphrases k' (rledit's ``invariance_weight``), read ``chunk`` pairs at a time."""
-    sums: dict = {}
-    count = 0
-    for start in tqdm(range(0, len(pairs.prompts), chunk), desc="paraphrase shifts", leave=False):
-        end = start + chunk
-        before = read_keys(model, tokenizer, pairs.prompts[start:end], pairs.answers[start:end], batch, only=only)
-        after = read_keys(model, tokenizer, pairs.paraphrases[start:end], pairs.answers[start:end], batch, only=only)
-        for key in before:
-            shifts = [b - a for a, b in zip(before[key], after[key]) if a.shape == b.shape]
-            rows = torch.cat(shifts).double()
-            sums[key] = sums.get(key, 0.0) + rows.T @ rows
-        count += len(rows)
-    return {key: total / count for key, total in sums.items()}
+    their paraphrases k' (rledit's ``invariance_weight``), computed as the editor computes it."""
+    layers = range(len(model.model.layers)) if only is None else only
+    targets = resolve_targets(model, list(layers), list(SITES.values()))
+    moments, _ = compute_paraphrase_shifts(model, tokenizer, targets, pairs, batch)
+    site_of = {module: site for site, module in SITES.items()}
+    return {(t.layer, site_of[t.name.rsplit(".", 1)[-1]]): moments[t.name] for t in targets}
 
 
 def measures(c0: torch.Tensor, edits: list[torch.Tensor], paraphrases: list[torch.Tensor | None],

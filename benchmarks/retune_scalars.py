@@ -19,13 +19,11 @@ import math
 import warnings
 
 import torch
-from validation_sweep import SCALARS, scale_scalars
+from validation_sweep import scale_scalars
 
 from rledit.checkpoints import read_checkpoint
-from rledit.editor import Editor
+from rledit.editor import HELD_SCALARS, Editor
 from rledit.files import command_line
-
-INITS = {"lr_init": "lr", "lambda_init": "ridge", "memory_init": "beta", "corpus_init": "alpha"}  # -> SCALARS
 
 
 def set_scalars(net: torch.nn.Module, overrides: dict) -> None:
@@ -34,12 +32,12 @@ def set_scalars(net: torch.nn.Module, overrides: dict) -> None:
     since hparams only initialise the scalars a checkpoint does not hold. ``lambda_init`` is a log already; a
     ``memory_init`` or ``corpus_init`` of 0 turns its term off and sets nothing."""
     with torch.no_grad():
-        for key, scalar in INITS.items():
+        for key, tensor in HELD_SCALARS.items():
             value = float(overrides.get(key, 0.0))
             if key == "lambda_init" and key in overrides:
-                getattr(net, SCALARS[scalar]).fill_(value)
+                getattr(net, tensor).fill_(value)
             elif key != "lambda_init" and value > 0:
-                getattr(net, SCALARS[scalar]).fill_(math.log(value))
+                getattr(net, tensor).fill_(math.log(value))
 
 
 def main() -> None:

@@ -50,6 +50,7 @@ DELTAS_DIR = "deltas"
 HELD_SCALARS = {"lr_init": "log_lr", "lambda_init": "ridge_log", "memory_init": "memory_log",
                 "corpus_init": "corpus_log"}  # hparams override -> the learned tensor a checkpoint may hold
 
+
 class EditorError(ValueError):
     """An editor that cannot be built, loaded or saved as asked."""
 
