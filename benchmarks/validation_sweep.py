@@ -29,6 +29,7 @@ from rledit.data import load_requests
 from rledit.editor import Editor
 from rledit.eval.relations import in_half
 from rledit.files import command_line, write_text_atomically
+from rledit.methods.rledit.net import LEARNED_SCALARS
 from rledit.models import load_model
 
 PROTOCOLS = {"zsre": "zsre-token-acc@2", "counterfact": "cf-prob@1"}
@@ -42,19 +43,16 @@ def validation_stream(n: int, seed: int, data: str = "zsre") -> list:
     return records[:n]
 
 
-SCALARS = {"lr": "log_lr", "ridge": "ridge_log", "beta": "memory_log", "alpha": "corpus_log"}
-
-
 def scale_scalars(net: torch.nn.Module, scale: dict) -> None:
     """Multiply the network's learned per-module scalars (natural units) by ``scale``'s factors."""
-    unknown = sorted(set(scale) - set(SCALARS))
+    unknown = sorted(set(scale) - set(LEARNED_SCALARS))
     if unknown:
-        raise SystemExit(f"unknown scalars {unknown} in a setting's scale; known: {sorted(SCALARS)}")
+        raise SystemExit(f"unknown scalars {unknown} in a setting's scale; known: {sorted(LEARNED_SCALARS)}")
     with torch.no_grad():
         for key, factor in scale.items():
             if factor <= 0:
                 raise SystemExit(f"scale {key} must be positive, got {factor}")
-            getattr(net, SCALARS[key]).add_(float(torch.log(torch.tensor(float(factor)))))
+            getattr(net, LEARNED_SCALARS[key][0]).add_(float(torch.log(torch.tensor(float(factor)))))
 
 
 def efficacy_by_age(records: list, batch: int, steps: int) -> dict[str, float]:

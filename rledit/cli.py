@@ -26,12 +26,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
     except (ValueError, OSError, RuntimeError) as exc:
         if getattr(args, "traceback", False):
             raise
         print(f"rledit {args.command}: error: {exc}", file=sys.stderr)
+        _end_launched_process(1, wait=False)
         return 1
+    _end_launched_process(code, wait=True)  # the processes of a launched run end together
+    return code
+
+
+def _end_launched_process(code: int, wait: bool) -> None:
+    """:func:`rledit.distributed.finish` for a command that joined a process group (it does not return then);
+    nothing for the others, which may never have imported torch."""
+    distributed = sys.modules.get("rledit.distributed")
+    if distributed is not None:
+        distributed.finish(code, wait)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -9,7 +9,9 @@ A plain run is one process: :func:`start` does nothing, :func:`world` is (0, 1) 
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,6 +39,25 @@ def start() -> None:
                                f"{type(error).__name__}: {error}") from error
     if state.num_processes != size:
         raise DistributedError(f"WORLD_SIZE is {size} but the process group has {state.num_processes} processes")
+
+
+def finish(code: int, wait: bool = True) -> None:
+    """End a process of a launched run (nothing outside a process group): wait for every process (``wait``; not
+    after an error, when the others may never arrive), leave the group, and exit with ``code`` at once.
+
+    Exiting at once, after flushing, skips the interpreter's and the C++ libraries' teardown. Once transformers
+    has loaded anything, the gloo process group outlives ``destroy_process_group`` (its loop threads keep
+    running), and tearing it down at exit aborts now and then ("terminate called without an active exception",
+    SIGABRT) after all the work is done and saved, which the launcher reports as a failed run."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 _alone = False  # see alone()

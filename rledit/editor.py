@@ -34,6 +34,7 @@ from rledit.files import atomic_directory, file_sha256, read_json, read_safetens
 from rledit.hooks import capture_bytes
 from rledit.hparams import HparamsError, from_dict
 from rledit.methods import EditMethod, get_method
+from rledit.methods.rledit.net import LEARNED_SCALARS
 from rledit.targets import EditTarget, TargetError, resolve_targets
 from rledit.tokens import context_length
 from rledit.types import EditRequest, EditRequestError, EditStep
@@ -47,8 +48,8 @@ METHOD_STATE_FILE = "method_state.safetensors"
 DELTAS_DIR = "deltas"
 
 
-HELD_SCALARS = {"lr_init": "log_lr", "lambda_init": "ridge_log", "memory_init": "memory_log",
-                "corpus_init": "corpus_log"}  # hparams override -> the learned tensor a checkpoint may hold
+# hparams override -> the learned tensor a checkpoint may hold
+HELD_SCALARS = {init: tensor for tensor, init in LEARNED_SCALARS.values()}
 
 
 class EditorError(ValueError):

@@ -28,6 +28,11 @@ from torch import nn
 
 from rledit.distributed import gather
 
+# The learned per-module scalars, by their name in natural units: (the tensor of their logs, the hparam that sets
+# their initial value). Training logs, retune_scalars.py, the validation sweeps and Editor.from_pretrained read them.
+LEARNED_SCALARS = {"lr": ("log_lr", "lr_init"), "ridge": ("ridge_log", "lambda_init"),
+                   "beta": ("memory_log", "memory_init"), "alpha": ("corpus_log", "corpus_init")}
+
 _shared_statistics = False  # see shared_statistics()
 
 
@@ -222,6 +227,6 @@ class HyperNetwork(nn.Module):
 
     def scalars(self) -> dict[str, list[float]]:
         """The learned per-module scalars in natural units (lr, e^λ, β, α), for training logs."""
-        named = {"lr": "log_lr", "ridge": "ridge_log", "beta": "memory_log", "alpha": "corpus_log"}
         with torch.no_grad():
-            return {key: getattr(self, attr).exp().tolist() for key, attr in named.items() if hasattr(self, attr)}
+            return {key: getattr(self, attr).exp().tolist() for key, (attr, _) in LEARNED_SCALARS.items()
+                    if hasattr(self, attr)}
