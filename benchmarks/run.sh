@@ -16,7 +16,7 @@ retune() {
 }
 
 # Shipped editors (rledit/editors/README.md): the RL-trained zsRE networks of benchmarks/results/editors-v1 with the
-# rule of experiment log entry 8, and the untrained CounterFact rule of entry 19. Written to runs/shipped/NAME,
+# rule of experiment log entry 8, and the untrained CounterFact rule of entries 19, 35 and 37. Written to runs/shipped/NAME,
 # then their checkpoint files copied into rledit/editors/NAME (which also holds the networks' training logs).
 V1=benchmarks/results/editors-v1
 ship() {  # ship NAME SWEEP SETTING RETUNE_SCALARS_ARGS...
@@ -28,9 +28,15 @@ ship() {  # ship NAME SWEEP SETTING RETUNE_SCALARS_ARGS...
 ZSRE_RULE='{"memory_init": 1.0, "corpus_init": 1000.0, "corpus": "zsre-train-questions", "stats_samples": 4000, "passes": 6, "refine": "gradient", "scale": {"ridge": 0.1, "alpha": 0.6, "beta": 1.0}}'
 ship smollm2-135m-zsre passes "$ZSRE_RULE" --checkpoint $V1/smollm2-135m-zsre
 ship smollm2-135m-zsre-malmen passes "$ZSRE_RULE" --checkpoint $V1/smollm2-135m-zsre-malmen
-ship smollm2-135m-counterfact layers-1000/sweep-cf-seven-L12-15-18-21-lr022.md \
-  '{"lambda_init": -2.12, "memory_init": 1.0, "corpus_init": 300.0, "corpus": "counterfact-train-facts", "stats_samples": 6000, "refine": "gradient", "key_positions": "subject", "lr_init": 0.22, "passes": 7, "pass_positions": ["subject", "subject", "subject", "subject", "subject", "subject"]}' \
-  --layers 12 13 14 15 18 19 20 21 --modules down_proj
+# CounterFact: entry 19's split rule (shipped under this name until entry 37; its rows are in editors-v2), then
+# paraphrase invariance 0.3 with nine subject passes at lr x 0.773 on top of it (entries 35 and 37)
+SPLIT_RULE=runs/shipped/counterfact-split-rule
+.venv/bin/python benchmarks/retune_scalars.py --layers 12 13 14 15 18 19 20 21 --modules down_proj \
+  --setting '{"lambda_init": -2.12, "memory_init": 1.0, "corpus_init": 300.0, "corpus": "counterfact-train-facts", "stats_samples": 6000, "refine": "gradient", "key_positions": "subject", "lr_init": 0.22, "passes": 7, "pass_positions": ["subject", "subject", "subject", "subject", "subject", "subject"]}' \
+  --chosen-on benchmarks/results/sweeps/layers-1000/sweep-cf-seven-L12-15-18-21-lr022.md --out $SPLIT_RULE
+ship smollm2-135m-counterfact invariance/cf-invariance-nine.md \
+  '{"invariance_weight": 0.3, "invariance": "counterfact-train-rephrases", "passes": 9, "pass_positions": ["subject", "subject", "subject", "subject", "subject", "subject", "subject", "subject"], "scale": {"lr": 0.773}}' \
+  --checkpoint $SPLIT_RULE
 # The rows those editors' predecessors scored under the same names, kept in editors-v1 (its README.md)
 bench --data zsre --steps 50 --batch 20 --eval-every 25 --protocols zsre-token-acc@1 --out $V1/zsre-50x20 \
   --methods rledit:$V1/smollm2-135m-zsre,malmen:$V1/smollm2-135m-zsre-malmen
@@ -236,10 +242,10 @@ bench --data counterfact --steps 100 --batch 20 --eval-every 50 --protocols cf-p
 
 # Paraphrase invariance (experiment log 35): the CounterFact rule with C_0 + 0.3·C_inv (how training paraphrases move
 # the subject's key), as shipped and with nine passes at lr 0.17 (chosen on benchmarks/results/sweeps/invariance/)
-bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20 \
-  --methods rledit:smollm2-135m-counterfact --set method.invariance_weight=0.3 method.invariance=counterfact-train-rephrases \
+bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/editors-v2/counterfact-50x20 \
+  --methods rledit:$SPLIT_RULE --set method.invariance_weight=0.3 method.invariance=counterfact-train-rephrases \
   --label "rledit:smollm2-135m-counterfact + paraphrase invariance 0.3"
-retune rledit/editors/smollm2-135m-counterfact '{"invariance_weight": 0.3, "invariance": "counterfact-train-rephrases", "passes": 9, "pass_positions": ["subject", "subject", "subject", "subject", "subject", "subject", "subject", "subject"], "scale": {"lr": 0.773}}' invariance counterfact-invariance-nine
+retune $SPLIT_RULE '{"invariance_weight": 0.3, "invariance": "counterfact-train-rephrases", "passes": 9, "pass_positions": ["subject", "subject", "subject", "subject", "subject", "subject", "subject", "subject"], "scale": {"lr": 0.773}}' invariance counterfact-invariance-nine
 bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-prob@1 --out benchmarks/results/counterfact-50x20 \
   --methods rledit:benchmarks/results/training/counterfact-invariance-nine \
   --label "rledit:counterfact-invariance-nine (paraphrase invariance 0.3, nine passes, lr 0.17)"
