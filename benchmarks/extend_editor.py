@@ -14,13 +14,13 @@ import argparse
 import json
 
 import torch
-from validation_sweep import SCALARS, scale_scalars
+from validation_sweep import scale_scalars
 
 from rledit.checkpoints import read_checkpoint
 from rledit.editor import Editor
 from rledit.files import command_line
 from rledit.methods.memory import split_memory_state
-from rledit.methods.rledit.net import HyperNetwork
+from rledit.methods.rledit.net import LEARNED_SCALARS, HyperNetwork
 from rledit.models import load_model
 
 
@@ -49,7 +49,7 @@ def extend(trained: HyperNetwork, wider: HyperNetwork) -> list[str]:
             _, wide_index, wide_slot = wider.slots[name]
             if name not in trained.module_shapes:
                 new_modules.append(name)
-                for attr in SCALARS.values():
+                for attr, _ in LEARNED_SCALARS.values():
                     getattr(wider, attr)[wide_slot] = getattr(trained, attr).mean()
                 continue
             key, index, slot = trained.slots[name]
@@ -57,7 +57,7 @@ def extend(trained: HyperNetwork, wider: HyperNetwork) -> list[str]:
                 wide_block.scale[wide_index].copy_(block.scale[index])
                 wide_block.shift[wide_index].copy_(block.shift[index])
             wider.normalizers[wide_slot].load_state_dict(trained.normalizers[slot].state_dict())
-            for attr in SCALARS.values():
+            for attr, _ in LEARNED_SCALARS.values():
                 getattr(wider, attr)[wide_slot] = getattr(trained, attr)[slot]
     return new_modules
 

@@ -30,9 +30,11 @@ from rledit.editor import Editor
 from rledit.files import command_line, write_text_atomically
 from rledit.hooks import capture_features
 from rledit.hparams import load_hparams
+from rledit.methods.rledit.net import LEARNED_SCALARS
 from rledit.methods.rledit.trainer import RLEditTrainer
 
-SCALARS = {"log step size": "log_lr", "ridge λ": "ridge_log", "log β": "memory_log", "log α": "corpus_log"}
+LABELS = {"lr": "log step size", "ridge": "ridge λ", "beta": "log β", "alpha": "log α"}
+SCALARS = {LABELS[name]: attr for name, (attr, _) in LEARNED_SCALARS.items()}
 
 
 def step_loss(trainer: RLEditTrainer, step, features) -> torch.Tensor:
