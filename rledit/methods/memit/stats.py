@@ -312,9 +312,8 @@ def compute_paraphrase_shifts(model: nn.Module, tokenizer: Any, targets: Sequenc
                     if shifts:
                         rows = torch.cat(shifts)
                         total += (rows.T @ rows).to(torch.float64)
-                n_rows += sum(len(before) for before, after in zip(prompt_keys[targets[0].name],
-                                                                   paraphrase_keys[targets[0].name])
-                              if before.shape == after.shape)
+                        if name == targets[0].name:  # every target compares the same positions
+                            n_rows += len(rows)
     finally:
         for handle in handles:
             handle.remove()

@@ -199,8 +199,9 @@ class RLEditHparams:
         invariance_weight: w > 0 adds to C_0 the second moment C_inv of how a paraphrase moves the edited
             modules' inputs at the answer positions, or at the subject's last token when ``key_positions`` is
             "subject" (``invariance``, pairs of training prompts and their paraphrases;
-            :func:`rledit.methods.memit.stats.load_or_compute_invariance`), scaled to w times C_0's trace: the corpus penalty becomes α(C_0 + w·(tr C_0 / tr C_inv)·C_inv), so each edit is written along
-            directions a paraphrase does not move and carries over to it. Needs corpus_init > 0. 0 (default): off.
+            :func:`rledit.methods.memit.stats.load_or_compute_invariance`), scaled to w times C_0's trace: the
+            corpus penalty becomes α(C_0 + w·(tr C_0 / tr C_inv)·C_inv), so each edit is written along directions
+            a paraphrase does not move and carries over to it. Needs corpus_init > 0. 0 (default): off.
         invariance: the pairs C_inv is estimated on ("zsre-train-rephrases" or "counterfact-train-rephrases",
             the "train" half of the training split); invariance_samples: how many pairs.
         passes: edit passes per step at edit time (rledit.methods.rledit.method, step 5). Pass 1 is the update above; each further
