@@ -2,9 +2,10 @@
 target is one training step ≤ 3× the floor).
 
 For each backtracking setting it times ``--repeats`` training steps (act, backtracking loss, backward, optimiser
-step) on SmolLM2-135M with the experiment's edited modules, after ``--history`` steps already applied, and the
-floor: one forward+backward of the same step's edit prompts through the layers that training runs (the layers
-below the lowest edited one are cached, as in training). Writes JSON + markdown beside each other.
+step) on SmolLM2-135M with the experiment's edited modules, after ``--history`` steps already applied (each also
+with the loss reading a sample of each step's rows, ``train.loss_rows``: ``--loss-rows``), and the floor: one
+forward+backward of the same step's edit prompts through the layers that training runs (the layers below the
+lowest edited one are cached, as in training). Writes JSON + markdown beside each other.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_step_cost.py --out benchmarks/results/train-cost
 """
@@ -40,12 +41,22 @@ def main() -> None:
     parser.add_argument("--hparams", default="hparams/experiments/train-rledit-smollm2-zsre-memory.yaml")
     parser.add_argument("--history", type=int, default=4, help="steps applied before the timed ones")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loss-rows", type=float, nargs="*", default=[0.25, 0.1],
+                        help="also time every setting with the loss reading this fraction of each step's rows")
+    parser.add_argument("--only", nargs="*", help="time only the settings of these labels")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    settings = SETTINGS | {f"{label}, loss rows {f:g}": {**train, "loss_rows": f}
+                           for label, train in SETTINGS.items() for f in args.loss_rows}
+    if args.only:
+        unknown = sorted(set(args.only) - set(settings))
+        if unknown:
+            parser.error(f"--only: no setting {unknown}; the settings are {sorted(settings)}")
+        settings = {label: settings[label] for label in args.only}
     hp = load_hparams(args.hparams)
     requests = load_requests(hp.method.train.train_data, "train", limit=2000)
     rows = []
-    for label, overrides in SETTINGS.items():
+    for label, overrides in settings.items():
         method = hp.method
         method.train = type(method.train)(**{**vars(method.train), **overrides, "validation_size": 0})
         editor = Editor.from_pretrained(hp.model.name, method=method.name, hparams=method, layers=hp.model.layers,

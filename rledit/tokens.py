@@ -74,6 +74,22 @@ class TokenBatch:
         return TokenBatch(**moved)
 
 
+def select_rows(batch: TokenBatch, rows: Sequence[int]) -> TokenBatch:
+    """The batch of ``rows`` alone (in the order given), cut to the columns those rows use: a few short rows of a
+    padded batch cost only their own length. Positions keep their ids, so each row's logits are unchanged."""
+    if not rows:
+        raise ValueError("select_rows needs at least one row")
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+    used = batch.attention_mask[index].bool().any(0).nonzero()[:, 0]
+    span = slice(int(used[0]), int(used[-1]) + 1) if len(used) else slice(0, batch.attention_mask.shape[1])
+    picked = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    for name, value in picked.items():
+        if isinstance(value, torch.Tensor):
+            picked[name] = value[index.to(value.device)][:, span]
+    picked["target_ids"] = [batch.target_ids[i] for i in rows]
+    return TokenBatch(**picked)
+
+
 def text_ids(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
     """Token ids of user text, with the tokenizer's own framing (BOS) when ``add_special_tokens`` but never
     parsing special-token strings in the text: "<|endoftext|>" in a target is text, not the control token."""

@@ -8,7 +8,7 @@ from rledit.deltas import DeltaStore
 from rledit.hooks import capture_features
 from rledit.prefix import Prefix
 from rledit.targets import resolve_targets
-from rledit.tokens import answer_logits, encode
+from rledit.tokens import answer_logits, encode, select_rows
 
 PROMPTS = ["The capital of France is", "The mother tongue of Danielle Darrieux is", "Who wrote Hamlet?"]
 ANSWERS = ["Paris", "French language", "William Shakespeare"]
@@ -54,3 +54,22 @@ def test_unsupported_architectures_and_layer_zero_run_in_full():
     assert Prefix.for_targets(gpt2, resolve_targets(gpt2, layers=[2], modules=["c_fc"])) is None
     llama = tiny_model("llama")
     assert Prefix.for_targets(llama, resolve_targets(llama, layers=[0, 3], modules=["up_proj"])) is None
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_selected_rows_keep_their_logits_and_drop_the_padding_they_do_not_use(padding_side, tokenizer):
+    model, targets = _edited("llama")
+    prefix = Prefix.for_targets(model, targets)
+    batch = prefix.attach(encode(tokenizer, PROMPTS, ANSWERS, padding_side=padding_side))
+    with prefix.skipped(), torch.no_grad():
+        full = answer_logits(model, batch)
+        row_of_answer = batch.answer_mask.nonzero()[:, 0]
+        for rows in ([0], [2, 0], [1, 2]):
+            part = select_rows(batch, rows)
+            assert part.target_ids == [batch.target_ids[r] for r in rows]
+            assert part.input_ids.shape[1] == int(batch.attention_mask[rows].sum(1).max())  # no unused column
+            assert part.inputs_embeds.shape[:2] == part.input_ids.shape
+            expected = torch.cat([full[row_of_answer == r] for r in rows])
+            torch.testing.assert_close(answer_logits(model, part), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least one row"):
+        select_rows(batch, [])

@@ -43,7 +43,7 @@ def test_training_reduces_the_sequence_loss_and_writes_a_checkpoint(tokenizer, t
 
 
 @pytest.mark.parametrize("settings", [{}, {"memory_init": 1.0, "backtracking": "sampled", "back_samples": 1,
-                                           "back_depth": 1}], ids=["window", "sampled-memory"])
+                                           "back_depth": 1, "loss_rows": 0.5}], ids=["window", "sampled-memory-rows"])
 def test_resume_continues_exactly(tokenizer, tmp_path, settings):
     straight = _trainer(tokenizer, tmp_path / "straight", episodes=4, **settings)
     straight.train()
@@ -239,6 +239,43 @@ def test_the_margin_objective_scores_new_over_old_as_the_protocol_does(tokenizer
     trainer.train()
     assert [r["kind"] for r in _log(tmp_path / "cf")] == ["run", "episode", "episode"]
     assert all(math.isfinite(r["loss"]) for r in _log(tmp_path / "cf") if r["kind"] == "episode")
+
+
+class _Draw:
+    """A generator that draws the rows it is given, one list per draw."""
+
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def sample(self, population, k):
+        rows = self.draws.pop(0)
+        assert len(rows) == k and all(r in population for r in rows)
+        return rows
+
+
+@pytest.mark.parametrize("gen_objective", ["ce", "margin"])
+def test_sampled_loss_rows_are_an_unbiased_estimate_of_the_step_loss(tokenizer, tmp_path, gen_objective):
+    """With ``loss_rows`` the loss reads one generalization row and one locality row: over every row it may
+    draw, the sampled terms average to the terms over all rows (the token means are rescaled, not biased
+    towards short answers)."""
+    trainer = _trainer(tokenizer, tmp_path, episodes=1, gen_objective=gen_objective)
+    step = trainer._tokenise(load_requests("counterfact", "train", limit=4) if gen_objective == "margin"
+                             else trainer.requests)
+    features = capture_features(trainer.editor.model, trainer.editor.targets, step.edit)
+    trainer.method.fold_statistics([features])
+    with torch.no_grad():
+        updates = trainer.action(step, features)
+        whole = trainer.step_loss(updates, [step], [1.0])[1]
+        n_gen, n_loc = step.gen.input_ids.shape[0], step.loc.input_ids.shape[0]
+        assert n_gen == 8 and n_loc == 4 and len(set(step.gen.answer_mask.sum(1).tolist())) > 1
+        trainer.hp = dataclasses.replace(trainer.hp, loss_rows=1 / n_gen)  # one row of each (at least one)
+        sampled = [trainer.step_loss(updates, [step], [1.0], _Draw([g], [g % n_loc]))[1] for g in range(n_gen)]
+    mean_loc = sum(s["loc"] for s in sampled[:n_loc]) / n_loc
+    assert sum(s["gen"] for s in sampled) / n_gen == pytest.approx(whole["gen"], rel=1e-5)
+    assert mean_loc == pytest.approx(whole["loc"], rel=1e-5, abs=1e-9)
+    assert len({round(s["gen"], 6) for s in sampled}) > 1  # the draws do differ
+    with pytest.raises(ValueError, match="loss_rows"):
+        TrainHparams(loss_rows=0)
 
 
 def test_differentiable_passes_give_the_gradient_of_the_step_loss(tokenizer, tmp_path):

@@ -84,6 +84,10 @@ class TrainHparams:
             gradients by a second-order backward) differentiable in the earlier passes' updates, so the
             meta-gradient sees how the later passes react to the first; False: they are read detached (cheaper,
             but the gradient then credits the first pass with changes the later passes undo).
+        loss_rows: the fraction of each step's generalization rows, and of its locality rows, that the loss reads
+            each time the step enters it (drawn uniformly without replacement, at least one row of each, and
+            rescaled so that the loss is an unbiased estimate of the one over every row): the loss's forward and
+            backward, most of a training step, cost about that fraction (1: every row, as published).
         diverge_factor: stop training when an episode's mean loss is non-finite or above this multiple of the
             first episode's (0: never stop).
         distinct_episodes: under several processes (data-parallel training, ``accelerate launch``), each process
@@ -125,6 +129,7 @@ class TrainHparams:
     loc_objective: Literal["kl", "margin"] = "kl"
     loc_margin: float = 1.0
     differentiable_passes: bool = False
+    loss_rows: float = 1.0
     diverge_factor: float = 0.0
     distinct_episodes: bool = True
     episodes_per_step: int = 1
@@ -149,6 +154,7 @@ class TrainHparams:
                  f"train.loc_objective must be one of {LOC_OBJECTIVES}, got {self.loc_objective!r}")
         for name in ("loc_coef", "reg_coef", "past_weight", "diverge_factor", "gen_margin", "loc_margin"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _require(0 < self.loss_rows <= 1, f"train.loss_rows must be in (0, 1], got {self.loss_rows}")
         _require(self.grad_clip > 0, f"train.grad_clip must be > 0, got {self.grad_clip}")
         for name, held in (("meta_lr", "the network"), ("scalar_meta_lr", "the scalars")):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0 (0: {held} held), got {getattr(self, name)}")

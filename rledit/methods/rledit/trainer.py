@@ -22,9 +22,11 @@ steps of ``batch`` requests from the training split. At step t:
 
 With ``backtracking: sampled`` the sum over the last H steps is replaced by the newest step plus the mean over
 k steps sampled from all earlier steps of the episode (weight ``past_weight``), so long episodes keep their
-oldest edits in the loss at a fixed cost per step. Guards: every episode logs the update norms and learned
-scalars; a held-out validation stream is scored every ``validate_every`` episodes and the best editor kept as
-``editor-best``; training stops when the episode loss diverges (``diverge_factor``).
+oldest edits in the loss at a fixed cost per step. With ``loss_rows`` < 1 the loss reads a sample of each step's
+rephrase and locality rows, rescaled to an unbiased estimate of the whole (the loss's forward and backward are
+most of a training step's cost). Guards: every episode logs the update norms and learned scalars; a held-out
+validation stream is scored every ``validate_every`` episodes and the best editor kept as ``editor-best``;
+training stops when the episode loss diverges (``diverge_factor``).
 
 With ``episodes_per_step`` R > 1 a process runs R episodes side by side (lanes): step t of every lane is taken
 in lockstep, each on its own model state, the normaliser folds in all their features at once and the optimiser
@@ -44,7 +46,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,7 @@ from rledit.methods.rledit.method import RLEditMethod
 from rledit.methods.rledit.net import shared_statistics
 from rledit.methods.rledit.solve import factored_frobenius_sq
 from rledit.prefix import Prefix
-from rledit.tokens import TokenBatch, answer_logits, encode
+from rledit.tokens import TokenBatch, answer_logits, encode, select_rows
 from rledit.types import EditRequest
 
 LOG_FILE = "train_log.jsonl"
@@ -85,6 +87,8 @@ class WindowStep:
     loc_ref: torch.Tensor | None = None  # reference log-probs at loc answer positions ("unedited" mode)
     gen_old: TokenBatch | None = None  # the gen prompts → the old target (``gen_objective: margin``)
     passes: list[TokenBatch] = field(default_factory=list)  # the edit batch of each later pass (method.passes > 1)
+    gen_scale: float = 1.0  # what the loss multiplies each term by when it reads a sample of the rows
+    loc_scale: float = 1.0
 
 
 @dataclass
@@ -120,6 +124,31 @@ def locality_margin(ref_log_probs: torch.Tensor, log_probs: torch.Tensor, margin
         return lp.gather(-1, top).squeeze(-1) - lp.scatter(-1, top, float("-inf")).max(-1).values
 
     return F.relu(lead(ref_log_probs).clamp(max=margin) - lead(log_probs)).mean()
+
+
+def sampled_rows(step: WindowStep, fraction: float, rng: random.Random, gen_per_row: bool) -> WindowStep:
+    """``step`` with the part of its generalization and locality rows one loss reads (``train.loss_rows``), each
+    drawn uniformly without replacement, and the scales that make each sampled term an unbiased estimate of the
+    whole step's. A term that averages over answer tokens, Σ_rows s_r / T, is estimated by (N/n) Σ_drawn s_r / T:
+    the drawn rows' own token mean times (T_drawn / T)(N / n). One that averages over rows (the generalization
+    margin, ``gen_per_row``) is estimated by the drawn rows' mean."""
+    def draw(batch: TokenBatch) -> list[int]:
+        n_rows = batch.input_ids.shape[0]
+        return sorted(rng.sample(range(n_rows), max(1, round(fraction * n_rows))))
+
+    def token_scale(whole: TokenBatch, part: TokenBatch) -> float:
+        rows = whole.input_ids.shape[0] / part.input_ids.shape[0]
+        return part.n_answer_tokens / whole.n_answer_tokens * rows
+
+    gen_rows, loc_rows = draw(step.gen), draw(step.loc)
+    gen, loc = select_rows(step.gen, gen_rows), select_rows(step.loc, loc_rows)
+    loc_ref = step.loc_ref
+    if loc_ref is not None:  # its rows are the answer positions, row by row
+        row_of_position = step.loc.answer_mask.nonzero()[:, 0]
+        loc_ref = loc_ref[torch.isin(row_of_position, torch.tensor(loc_rows)).to(loc_ref.device)]
+    gen_old = select_rows(step.gen_old, gen_rows) if step.gen_old is not None else None
+    return replace(step, gen=gen, loc=loc, loc_ref=loc_ref, gen_old=gen_old,
+                   gen_scale=1.0 if gen_per_row else token_scale(step.gen, gen), loc_scale=token_scale(step.loc, loc))
 
 
 class RLEditTrainer:
@@ -315,18 +344,18 @@ class RLEditTrainer:
             results = []
             for (lane, current, past, weights), step_features in zip(work, features):
                 with self._running(lane), torch.set_grad_enabled(learn):
-                    results.append(self._act(current, past, weights, step_features, learn, len(work)))
+                    results.append(self._act(lane, current, past, weights, step_features, learn, len(work)))
         return results
 
-    def _act(self, current: WindowStep, past: Sequence[WindowStep], past_weights: Sequence[float], features,
-             learn: bool, lanes: int) -> dict[str, float]:
+    def _act(self, lane: Lane, current: WindowStep, past: Sequence[WindowStep], past_weights: Sequence[float],
+             features, learn: bool, lanes: int) -> dict[str, float]:
         """The running lane's action on ``current`` (the normaliser already holds its features), its loss
         backpropagated when ``learn``, and the action kept."""
         updates = self.action(current, features, differentiable=learn and self.hp.differentiable_passes)
         if not learn:
             self._keep(updates)
             return {}
-        loss, metrics = self.step_loss(updates, [current, *past], [1.0, *past_weights])
+        loss, metrics = self.step_loss(updates, [current, *past], [1.0, *past_weights], lane.rng)
         (loss / (self.hp.update_every * lanes)).backward()
         self._keep({name: (u.detach(), v.detach()) for name, (u, v) in updates.items()})
         return metrics | {"pre_edit_loss": features.loss}
@@ -338,11 +367,15 @@ class RLEditTrainer:
         updates = self.method.compute_updates(features, targets, update_stats=False)
         return self.method.later_passes(model, targets, current.passes, updates, differentiable=differentiable)
 
-    def step_loss(self, updates: dict[str, tuple], steps: list[WindowStep],
-                  weights: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_loss(self, updates: dict[str, tuple], steps: list[WindowStep], weights: list[float],
+                  rng: random.Random | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """L_t with ``updates`` pending over ``steps`` (the newest first, weighted; step 3 of the module
-        docstring), and its parts as numbers."""
+        docstring), and its parts as numbers. With ``train.loss_rows`` < 1 it reads a sample of each step's
+        rows, drawn with ``rng`` (default: the first lane's generator)."""
         hp = self.hp
+        if hp.loss_rows < 1:
+            rng = rng or self.lanes[0].rng
+            steps = [sampled_rows(step, hp.loss_rows, rng, hp.gen_objective == "margin") for step in steps]
         references = self._references(steps)
         with self.editor.store.pending(updates):
             gen_loss, loc_loss, edit_acc = self._backtracking_losses(steps, weights, references)
@@ -383,11 +416,11 @@ class RLEditTrainer:
         edit_acc = 0.0
         for j, (past, weight, ref) in enumerate(zip(steps, weights, references)):
             logits = answer_logits(model, past.gen)
-            gen_loss = gen_loss + weight * self._gen_term(logits, past)
+            gen_loss = gen_loss + weight * past.gen_scale * self._gen_term(logits, past)
             if j == 0:
                 labels = past.gen.labels[past.gen.answer_mask]
                 edit_acc = float((logits.argmax(-1) == labels).float().mean())
-            loc_loss = loc_loss + weight * self._loc_term(ref, answer_log_probs(model, past.loc))
+            loc_loss = loc_loss + weight * past.loc_scale * self._loc_term(ref, answer_log_probs(model, past.loc))
         return gen_loss, loc_loss, edit_acc
 
     def _loc_term(self, ref_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
