@@ -255,24 +255,30 @@ class _Draw:
 
 @pytest.mark.parametrize("gen_objective", ["ce", "margin"])
 def test_sampled_loss_rows_are_an_unbiased_estimate_of_the_step_loss(tokenizer, tmp_path, gen_objective):
-    """With ``loss_rows`` the loss reads one generalization row and one locality row: over every row it may
-    draw, the sampled terms average to the terms over all rows (the token means are rescaled, not biased
-    towards short answers)."""
+    """With ``loss_rows`` a step keeps one generalization row and one locality row: over every row it may draw,
+    the sampled terms average to the terms over all rows (the token means are rescaled, not biased towards
+    short answers), and its cached states and references cover the drawn rows alone."""
     trainer = _trainer(tokenizer, tmp_path, episodes=1, gen_objective=gen_objective)
-    step = trainer._tokenise(load_requests("counterfact", "train", limit=4) if gen_objective == "margin"
-                             else trainer.requests)
-    features = capture_features(trainer.editor.model, trainer.editor.targets, step.edit)
+    requests = load_requests("counterfact", "train", limit=4) if gen_objective == "margin" else trainer.requests
+    whole = trainer._tokenise(requests)
+    features = capture_features(trainer.editor.model, trainer.editor.targets, whole.edit)
     trainer.method.fold_statistics([features])
+    n_gen, n_loc = whole.gen.input_ids.shape[0], whole.loc.input_ids.shape[0]
+    assert n_gen == 8 and n_loc == 4 and len(set(whole.gen.answer_mask.sum(1).tolist())) > 1
+    trainer.hp = dataclasses.replace(trainer.hp, loss_rows=1 / n_gen)  # one row of each (at least one)
     with torch.no_grad():
-        updates = trainer.action(step, features)
-        whole = trainer.step_loss(updates, [step], [1.0])[1]
-        n_gen, n_loc = step.gen.input_ids.shape[0], step.loc.input_ids.shape[0]
-        assert n_gen == 8 and n_loc == 4 and len(set(step.gen.answer_mask.sum(1).tolist())) > 1
-        trainer.hp = dataclasses.replace(trainer.hp, loss_rows=1 / n_gen)  # one row of each (at least one)
-        sampled = [trainer.step_loss(updates, [step], [1.0], _Draw([g], [g % n_loc]))[1] for g in range(n_gen)]
-    mean_loc = sum(s["loc"] for s in sampled[:n_loc]) / n_loc
-    assert sum(s["gen"] for s in sampled) / n_gen == pytest.approx(whole["gen"], rel=1e-5)
-    assert mean_loc == pytest.approx(whole["loc"], rel=1e-5, abs=1e-9)
+        updates = trainer.action(whole, features)
+        expected = trainer.step_loss(updates, [whole], [1.0])[1]
+        sampled = []
+        for g in range(n_gen):
+            trainer.lanes[0].rng = _Draw([g], [g % n_loc])
+            step = trainer._tokenise(requests, sampled=True)
+            assert step.gen.input_ids.shape[0] == 1 and step.loc.input_ids.shape[0] == 1
+            assert step.gen.inputs_embeds.shape[:2] == step.gen.input_ids.shape
+            assert step.loc_ref.shape[0] == step.loc.n_answer_tokens
+            sampled.append(trainer.step_loss(updates, [step], [1.0])[1])
+    assert sum(s["gen"] for s in sampled) / n_gen == pytest.approx(expected["gen"], rel=1e-5)
+    assert sum(s["loc"] for s in sampled[:n_loc]) / n_loc == pytest.approx(expected["loc"], rel=1e-5, abs=1e-9)
     assert len({round(s["gen"], 6) for s in sampled}) > 1  # the draws do differ
     with pytest.raises(ValueError, match="loss_rows"):
         TrainHparams(loss_rows=0)

@@ -22,9 +22,9 @@ steps of ``batch`` requests from the training split. At step t:
 
 With ``backtracking: sampled`` the sum over the last H steps is replaced by the newest step plus the mean over
 k steps sampled from all earlier steps of the episode (weight ``past_weight``), so long episodes keep their
-oldest edits in the loss at a fixed cost per step. With ``loss_rows`` < 1 the loss reads a sample of each step's
-rephrase and locality rows, rescaled to an unbiased estimate of the whole (the loss's forward and backward are
-most of a training step's cost). Guards: every episode logs the update norms and learned scalars; a held-out
+oldest edits in the loss at a fixed cost per step. With ``loss_rows`` < 1 each step keeps a sample of its
+rephrase and locality rows, drawn when it is tokenised and rescaled to an unbiased estimate of the whole (the
+loss's forward and backward, and the rows' cached states, are most of a training step's cost). Guards: every episode logs the update norms and learned scalars; a held-out
 validation stream is scored every ``validate_every`` episodes and the best editor kept as ``editor-best``;
 training stops when the episode loss diverges (``diverge_factor``).
 
@@ -127,11 +127,15 @@ def locality_margin(ref_log_probs: torch.Tensor, log_probs: torch.Tensor, margin
 
 
 def sampled_rows(step: WindowStep, fraction: float, rng: random.Random, gen_per_row: bool) -> WindowStep:
-    """``step`` with the part of its generalization and locality rows one loss reads (``train.loss_rows``), each
+    """``step`` with the part of its generalization and locality rows its losses read (``train.loss_rows``), each
     drawn uniformly without replacement, and the scales that make each sampled term an unbiased estimate of the
     whole step's. A term that averages over answer tokens, Σ_rows s_r / T, is estimated by (N/n) Σ_drawn s_r / T:
     the drawn rows' own token mean times (T_drawn / T)(N / n). One that averages over rows (the generalization
-    margin, ``gen_per_row``) is estimated by the drawn rows' mean."""
+    margin, ``gen_per_row``) is estimated by the drawn rows' mean. Drawn before the rows' cached states and
+    references are computed, so that those cost the fraction too."""
+    if step.loc_ref is not None or step.gen.inputs_embeds is not None:
+        raise ValueError("sample a step's rows before its prefix states and locality references are computed")
+
     def draw(batch: TokenBatch) -> list[int]:
         n_rows = batch.input_ids.shape[0]
         return sorted(rng.sample(range(n_rows), max(1, round(fraction * n_rows))))
@@ -142,12 +146,8 @@ def sampled_rows(step: WindowStep, fraction: float, rng: random.Random, gen_per_
 
     gen_rows, loc_rows = draw(step.gen), draw(step.loc)
     gen, loc = select_rows(step.gen, gen_rows), select_rows(step.loc, loc_rows)
-    loc_ref = step.loc_ref
-    if loc_ref is not None:  # its rows are the answer positions, row by row
-        row_of_position = step.loc.answer_mask.nonzero()[:, 0]
-        loc_ref = loc_ref[torch.isin(row_of_position, torch.tensor(loc_rows)).to(loc_ref.device)]
     gen_old = select_rows(step.gen_old, gen_rows) if step.gen_old is not None else None
-    return replace(step, gen=gen, loc=loc, loc_ref=loc_ref, gen_old=gen_old,
+    return replace(step, gen=gen, loc=loc, gen_old=gen_old,
                    gen_scale=1.0 if gen_per_row else token_scale(step.gen, gen), loc_scale=token_scale(step.loc, loc))
 
 
@@ -276,7 +276,7 @@ class RLEditTrainer:
             plans.append([requests[i:i + hp.batch] for i in range(0, len(requests), hp.batch)])
         for w in range(hp.steps_per_episode, hp.steps_per_episode + warm):
             for lane, steps in zip(lanes, plans):
-                lane.history.append(self._tokenise(steps[w], lane))
+                lane.history.append(self._tokenise(steps[w], lane, sampled=True))
             self._lockstep([(lane, lane.history[-1], (), ()) for lane in lanes], learn=False)
         totals: dict[str, float] = {}
         steps_bar = tqdm(total=hp.steps_per_episode, desc=f"episode {self.episode + 1}", unit="step", leave=False,
@@ -284,7 +284,7 @@ class RLEditTrainer:
         for t in range(hp.steps_per_episode):
             work = []
             for lane, steps in zip(lanes, plans):
-                lane.history.append(self._tokenise(steps[t], lane))
+                lane.history.append(self._tokenise(steps[t], lane, sampled=True))
                 work.append((lane, lane.history[-1], *self._past(lane.history[:-1], lane)))
             for metrics in self._lockstep(work, learn=True):
                 for key, value in metrics.items():
@@ -344,18 +344,18 @@ class RLEditTrainer:
             results = []
             for (lane, current, past, weights), step_features in zip(work, features):
                 with self._running(lane), torch.set_grad_enabled(learn):
-                    results.append(self._act(lane, current, past, weights, step_features, learn, len(work)))
+                    results.append(self._act(current, past, weights, step_features, learn, len(work)))
         return results
 
-    def _act(self, lane: Lane, current: WindowStep, past: Sequence[WindowStep], past_weights: Sequence[float],
-             features, learn: bool, lanes: int) -> dict[str, float]:
+    def _act(self, current: WindowStep, past: Sequence[WindowStep], past_weights: Sequence[float], features,
+             learn: bool, lanes: int) -> dict[str, float]:
         """The running lane's action on ``current`` (the normaliser already holds its features), its loss
         backpropagated when ``learn``, and the action kept."""
         updates = self.action(current, features, differentiable=learn and self.hp.differentiable_passes)
         if not learn:
             self._keep(updates)
             return {}
-        loss, metrics = self.step_loss(updates, [current, *past], [1.0, *past_weights], lane.rng)
+        loss, metrics = self.step_loss(updates, [current, *past], [1.0, *past_weights])
         (loss / (self.hp.update_every * lanes)).backward()
         self._keep({name: (u.detach(), v.detach()) for name, (u, v) in updates.items()})
         return metrics | {"pre_edit_loss": features.loss}
@@ -367,15 +367,11 @@ class RLEditTrainer:
         updates = self.method.compute_updates(features, targets, update_stats=False)
         return self.method.later_passes(model, targets, current.passes, updates, differentiable=differentiable)
 
-    def step_loss(self, updates: dict[str, tuple], steps: list[WindowStep], weights: list[float],
-                  rng: random.Random | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_loss(self, updates: dict[str, tuple], steps: list[WindowStep],
+                  weights: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
         """L_t with ``updates`` pending over ``steps`` (the newest first, weighted; step 3 of the module
-        docstring), and its parts as numbers. With ``train.loss_rows`` < 1 it reads a sample of each step's
-        rows, drawn with ``rng`` (default: the first lane's generator)."""
+        docstring), and its parts as numbers."""
         hp = self.hp
-        if hp.loss_rows < 1:
-            rng = rng or self.lanes[0].rng
-            steps = [sampled_rows(step, hp.loss_rows, rng, hp.gen_objective == "margin") for step in steps]
         references = self._references(steps)
         with self.editor.store.pending(updates):
             gen_loss, loc_loss, edit_acc = self._backtracking_losses(steps, weights, references)
@@ -501,7 +497,10 @@ class RLEditTrainer:
         chosen, lane.order = lane.order[:need], lane.order[need:]
         return [self.requests[i] for i in chosen]
 
-    def _tokenise(self, requests: list[EditRequest], lane: Lane | None = None) -> WindowStep:
+    def _tokenise(self, requests: list[EditRequest], lane: Lane | None = None, sampled: bool = False) -> WindowStep:
+        """A step's batches (edit, rephrase and edit prompts, locality prompts, the later passes' edit batches),
+        with their cached prefix states and the locality references; ``sampled``: with ``train.loss_rows`` < 1,
+        only the rows its losses will read (drawn with the lane's generator; default the first lane's)."""
         tok = self.editor.tokenizer
         gen = [(p, r) for r in requests for p in r.rephrase_prompts]  # (prompt, its request)
         if self.hp.use_edit_prompt_loss:
@@ -522,10 +521,15 @@ class RLEditTrainer:
                    encode(tok, [prompt for prompt, _ in loc], [answer for _, answer in loc], padding_side="left"),
                    *gen_old,
                    *self.method.pass_batches(tok, requests, plain)]  # the later passes of an edit, as at edit time
-        if self.prefix is not None:
-            batches = [self.prefix.attach(batch) for batch in batches]
         rest = batches[3:]
         step = WindowStep(*batches[:3], gen_old=rest.pop(0) if margin else None, passes=rest)
+        if sampled and self.hp.loss_rows < 1:
+            step = sampled_rows(step, self.hp.loss_rows, (lane or self.lanes[0]).rng, margin)
+        if self.prefix is not None:
+            attach = self.prefix.attach
+            step = replace(step, edit=attach(step.edit), gen=attach(step.gen), loc=attach(step.loc),
+                           gen_old=attach(step.gen_old) if margin else None,
+                           passes=[attach(batch) for batch in step.passes])
         if self.hp.loc_reference == "unedited":
             with torch.no_grad(), self.editor.store.bypassed(), self._upper_layers_only():
                 step.loc_ref = answer_log_probs(self.editor.model, step.loc)
