@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['tokens']} | {r['module']} | {r['nullspace_energy_0.05']} | {r['nullspace_absolute_2e-2']} | "
               + (f"{r['change_from_previous']:.3f} | {r['nullspace_kept']:.3f} |" if "nullspace_kept" in r else " | |")
               for r in rows]
+    short = sorted({(r["tokens_asked"], r["tokens"], r["texts"]) for r in rows if r["tokens"] < r["tokens_asked"]})
+    lines += ["", *(f"{asked} tokens asked: the corpus holds {got} ({texts} texts), every one of them read."
+                    for asked, got, texts in short)] if short else []
     write_text_atomically(out / "study.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -250,5 +250,6 @@ bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-pr
   --methods rledit:benchmarks/results/training/counterfact-invariance-nine \
   --label "rledit:counterfact-invariance-nine (paraphrase invariance 0.3, nine passes, lr 0.17)"
 
-# How AlphaEdit's null space moves with the amount of text behind its key statistics (30k and 300k tokens so far)
-.venv/bin/python benchmarks/key_statistics_study.py --tokens 30000 300000 --out benchmarks/results/key-statistics
+# How AlphaEdit's null space moves with the amount of text behind its key statistics (30k, 300k and every token of
+# the bundled corpora, 882,554 of the 1M asked)
+.venv/bin/python benchmarks/key_statistics_study.py --tokens 30000 300000 1000000 --out benchmarks/results/key-statistics

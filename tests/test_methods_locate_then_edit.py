@@ -435,3 +435,8 @@ def test_the_key_statistics_study_follows_the_null_space_across_token_budgets(to
     assert all(0 < r["nullspace_energy_0.05"] < 64 for r in rows)
     assert "nullspace_kept" not in rows[0] and 0 <= rows[2]["nullspace_kept"] <= 1 + 1e-9
     assert rows[2]["change_from_previous"] > 0
+    key_statistics_study.main(["--model", str(folder), "--layers", "1", "--corpus", "sst2", "--tokens", "100", "10000000",
+                               "--samples", "100", "--out", str(out)])  # more than 100 texts hold
+    rows = json.loads((out / "study.json").read_text())["rows"]
+    assert rows[1]["tokens_asked"] == 10_000_000 and rows[1]["tokens"] < 10_000_000 and rows[1]["texts"] == 100
+    assert f"10000000 tokens asked: the corpus holds {rows[1]['tokens']} (100 texts)" in (out / "study.md").read_text()
