@@ -58,10 +58,10 @@ def main() -> None:
         settings = {label: settings[label] for label in args.only}
     hp = load_hparams(args.hparams)
     requests = load_requests(hp.method.train.train_data, "train", limit=2000)
-    rows = []
+    rows, base = [], hp.method.train
     for label, overrides in settings.items():
         method = hp.method
-        method.train = type(method.train)(**{**vars(method.train), **overrides, "validation_size": 0})
+        method.train = replace(base, **overrides, validation_size=0)  # each setting from the experiment's own
         editor = Editor.from_pretrained(hp.model.name, method=method.name, hparams=method, layers=hp.model.layers,
                                         modules=hp.model.modules)
         trainer = RLEditTrainer(editor, requests, "/tmp/rledit-train-cost", progress=False)
