@@ -253,3 +253,21 @@ bench --data counterfact --steps 50 --batch 20 --eval-every 25 --protocols cf-pr
 # How AlphaEdit's null space moves with the amount of text behind its key statistics (30k, 300k and every token of
 # the bundled corpora, 882,554 of the 1M asked)
 .venv/bin/python benchmarks/key_statistics_study.py --tokens 30000 300000 1000000 --out benchmarks/results/key-statistics
+
+# A training step that reads a sample of its rows (experiment log 38): its cost, and the shipped zsRE network's
+# training at a quarter and a tenth of the rows (12 episodes, and as many as every row's 12 take), each given the
+# shipped rule and scored on the 1,000-edit validation stream (benchmarks/results/sweeps/loss-rows/README.md)
+OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_step_cost.py --loss-rows 0.25 0.1 --out benchmarks/results/train-cost-v4 \
+  --only "window H=4 (shipped editors)" "window H=4 (shipped editors), loss rows 0.25" "window H=4 (shipped editors), loss rows 0.1" \
+  "sampled k=1" "sampled k=1, loss rows 0.1" "newest step only" "newest step only, loss rows 0.1"
+for run in "rows100 1 12" "rows025 0.25 12" "rows010b 0.1 12" "rows025-ep40 0.25 40" "rows010-ep60 0.1 60"; do
+  set -- $run
+  OMP_NUM_THREADS=1 .venv/bin/rledit train --hparams $TRAIN_ZSRE --out runs/zsre-$1 \
+    --set method.train.loss_rows=$2 method.train.episodes=$3 method.train.checkpoint_every=4
+  .venv/bin/python benchmarks/retune_scalars.py --checkpoint runs/zsre-$1/editor --setting "$ZSRE_RULE" \
+    --chosen-on benchmarks/results/sweeps/passes --out runs/zsre-$1-rule
+  .venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint runs/zsre-$1-rule --steps 50 --setting '{}' \
+    --out runs/sweep-zsre-$1-rule
+  cp runs/sweep-zsre-$1-rule/sweep.json benchmarks/results/sweeps/loss-rows/sweep-zsre-$1.json
+  cp runs/sweep-zsre-$1-rule/sweep.md benchmarks/results/sweeps/loss-rows/sweep-zsre-$1.md
+done
