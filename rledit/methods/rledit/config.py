@@ -84,10 +84,11 @@ class TrainHparams:
             gradients by a second-order backward) differentiable in the earlier passes' updates, so the
             meta-gradient sees how the later passes react to the first; False: they are read detached (cheaper,
             but the gradient then credits the first pass with changes the later passes undo).
-        loss_rows: the fraction of each step's generalization rows, and of its locality rows, that the loss reads
-            each time the step enters it (drawn uniformly without replacement, at least one row of each, and
-            rescaled so that the loss is an unbiased estimate of the one over every row): the loss's forward and
-            backward, most of a training step, cost about that fraction (1: every row, as published).
+        loss_rows: the fraction of each step's generalization rows, and of its locality rows, that its losses read
+            (drawn uniformly without replacement once per step, when it is tokenised, at least one row of each,
+            and rescaled so that each loss is an unbiased estimate of the one over every row): the rows' cached
+            states and the loss's forward and backward, most of a training step, cost about that fraction (1:
+            every row, as published).
         diverge_factor: stop training when an episode's mean loss is non-finite or above this multiple of the
             first episode's (0: never stop).
         distinct_episodes: under several processes (data-parallel training, ``accelerate launch``), each process

@@ -24,9 +24,10 @@ With ``backtracking: sampled`` the sum over the last H steps is replaced by the 
 k steps sampled from all earlier steps of the episode (weight ``past_weight``), so long episodes keep their
 oldest edits in the loss at a fixed cost per step. With ``loss_rows`` < 1 each step keeps a sample of its
 rephrase and locality rows, drawn when it is tokenised and rescaled to an unbiased estimate of the whole (the
-loss's forward and backward, and the rows' cached states, are most of a training step's cost). Guards: every episode logs the update norms and learned scalars; a held-out
-validation stream is scored every ``validate_every`` episodes and the best editor kept as ``editor-best``;
-training stops when the episode loss diverges (``diverge_factor``).
+loss's forward and backward, and the rows' cached states, are most of a training step's cost). Guards: every
+episode logs the update norms and learned scalars; a held-out validation stream is scored every
+``validate_every`` episodes and the best editor kept as ``editor-best``; training stops when the episode loss
+diverges (``diverge_factor``).
 
 With ``episodes_per_step`` R > 1 a process runs R episodes side by side (lanes): step t of every lane is taken
 in lockstep, each on its own model state, the normaliser folds in all their features at once and the optimiser
