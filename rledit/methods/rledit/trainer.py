@@ -516,20 +516,18 @@ class RLEditTrainer:
         # left padding: answers end every row, so answer_logits projects few positions
         plain = self.method.plain_batch(tok, requests)
         margin = self.hp.gen_objective == "margin"
-        gen_old = [encode(tok, gen_prompts, [r.ground_truth for _, r in gen], padding_side="left")] if margin else []
-        batches = [self.method.marked(tok, requests, plain),
-                   encode(tok, gen_prompts, [r.target_new for _, r in gen], padding_side="left"),
-                   encode(tok, [prompt for prompt, _ in loc], [answer for _, answer in loc], padding_side="left"),
-                   *gen_old,
-                   *self.method.pass_batches(tok, requests, plain)]  # the later passes of an edit, as at edit time
-        rest = batches[3:]
-        step = WindowStep(*batches[:3], gen_old=rest.pop(0) if margin else None, passes=rest)
+        gen_old = encode(tok, gen_prompts, [r.ground_truth for _, r in gen], padding_side="left") if margin else None
+        step = WindowStep(self.method.marked(tok, requests, plain),
+                          encode(tok, gen_prompts, [r.target_new for _, r in gen], padding_side="left"),
+                          encode(tok, [prompt for prompt, _ in loc], [answer for _, answer in loc], padding_side="left"),
+                          gen_old=gen_old,
+                          passes=list(self.method.pass_batches(tok, requests, plain)))  # later passes, as at edit time
         if sampled and self.hp.loss_rows < 1:
             step = sampled_rows(step, self.hp.loss_rows, (lane or self.lanes[0]).rng, margin)
         if self.prefix is not None:
             attach = self.prefix.attach
             step = replace(step, edit=attach(step.edit), gen=attach(step.gen), loc=attach(step.loc),
-                           gen_old=attach(step.gen_old) if margin else None,
+                           gen_old=attach(step.gen_old) if step.gen_old is not None else None,
                            passes=[attach(batch) for batch in step.passes])
         if self.hp.loc_reference == "unedited":
             with torch.no_grad(), self.editor.store.bypassed(), self._upper_layers_only():
