@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 import rledit
 from rledit.data import load_requests
-from rledit.editor import Editor
+from rledit.checkpoints import read_checkpoint
+from rledit.editor import Editor, held_overrides
 from rledit.eval.relations import in_half
 from rledit.files import command_line, write_text_atomically
 from rledit.methods.rledit.net import LEARNED_SCALARS
@@ -80,6 +81,13 @@ def main() -> None:
                         help="training split the stream comes from (its 'metric' half), scored by its protocol")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.checkpoint is not None:  # refuse, before any work, a setting whose scalars the checkpoint holds
+        saved = read_checkpoint(args.checkpoint)
+        for setting in args.setting:
+            held = held_overrides(saved, json.loads(setting))
+            if held:
+                raise SystemExit(f"{args.checkpoint} holds its learned {held}, which the setting {setting} would not "
+                                 "change; write a checkpoint with them set (benchmarks/retune_scalars.py) and sweep it")
     loaded = load_model("smollm2-135m")
     stream = validation_stream(args.steps * args.batch, args.seed, args.data)
     protocol, metric_names = PROTOCOLS[args.data], METRICS[args.data]

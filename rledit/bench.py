@@ -186,7 +186,11 @@ def run_benchmark(model: torch.nn.Module, tokenizer, model_name: str, spec: Benc
 def _new_editor(model: torch.nn.Module, tokenizer, spec: BenchSpec) -> Editor:
     modules = spec.modules
     if getattr(get_method(spec.method), "edits_output_projection", False):
-        modules = [architecture_of(model).mlp_modules[-1]]
+        output_projection = architecture_of(model).mlp_modules[-1]
+        if modules and list(modules) != [output_projection]:
+            raise ValueError(f"{spec.method} edits the MLP output projection ({output_projection}); it cannot edit "
+                             f"{', '.join(modules)}. Leave out the modules or name {output_projection}")
+        modules = [output_projection]
     return Editor.from_pretrained(model, method=spec.method, hparams=spec.hparams, checkpoint=spec.checkpoint,
                                   tokenizer=tokenizer, layers=spec.layers, modules=modules)
 

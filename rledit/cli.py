@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="edited layers of methods without a checkpoint (default: hparams/models/<model>.yaml)")
     bench.add_argument("--modules", nargs="*", default=None,
                        help="edited MLP modules of methods without a checkpoint, e.g. down_proj (default: "
-                            "hparams/models/<model>.yaml)")
+                            "hparams/models/<model>.yaml; MEMIT and AlphaEdit edit the output projection)")
     bench.add_argument("--protocols", nargs="*", default=None, help="protocol ids (default: all applicable)")
     bench.add_argument("--general", action="store_true",
                        help="also score general ability (SST-2 zero-shot accuracy, perplexity on held-out text) "
@@ -450,6 +450,7 @@ def _experiment_spec(args: argparse.Namespace):
 def _bench_spec(args: argparse.Namespace, name: str):
     from rledit.bench import BenchSpec
     from rledit.hparams import HPARAMS_DIR, load_section
+    from rledit.methods import get_method
 
     method, _, checkpoint = name.partition(":")
     hparams = layers = modules = None
@@ -462,7 +463,9 @@ def _bench_spec(args: argparse.Namespace, name: str):
         model_file = HPARAMS_DIR / "models" / f"{args.model}.yaml"
         if model_file.is_file():
             model = load_section(model_file, "model")
-            layers, modules = model.layers, model.modules
+            layers = model.layers
+            if not getattr(get_method(method), "edits_output_projection", False):
+                modules = model.modules  # the preset's modules; MEMIT/AlphaEdit edit the output projection
         elif not args.layers:
             import logging
 

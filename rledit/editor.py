@@ -52,6 +52,13 @@ DELTAS_DIR = "deltas"
 HELD_SCALARS = {init: tensor for tensor, init in LEARNED_SCALARS.values()}
 
 
+def held_overrides(saved: Any, overrides: Mapping[str, Any]) -> list[str]:
+    """The ``*_init`` overrides that a checkpoint's learned scalars make void: it holds its own value of each
+    (hparams only initialise a new network's scalars), and the override asks for another."""
+    return [key for key, tensor in HELD_SCALARS.items() if key in overrides and tensor in saved.state
+            and overrides[key] != saved.hparams.get(key)]
+
+
 class EditorError(ValueError):
     """An editor that cannot be built, loaded or saved as asked."""
 
@@ -154,8 +161,7 @@ class Editor:
             if unknown:
                 raise EditorError(f"hparams {unknown} are not settings of a {saved.method} editor: {sorted(fields)}")
             method, hparams = saved.method, {**saved.hparams, **overrides}
-            held = [key for key, tensor in HELD_SCALARS.items() if key in overrides and tensor in saved.state
-                    and overrides[key] != saved.hparams.get(key)]
+            held = held_overrides(saved, overrides)
             if held:
                 warnings.warn(f"checkpoint {checkpoint} holds its learned {held} values, which these overrides do not "
                               "change (they only set the initial value of a new network); set the held values with "

@@ -105,6 +105,24 @@ def test_bad_benchmarks_fail_before_any_work(tmp_path):
         check_spec(BenchSpec(method="memit", data=no_subject, steps=1, batch=1))
 
 
+def test_a_locate_then_edit_bench_names_the_modules_it_edits_and_refuses_others(tokenizer):
+    """MEMIT and AlphaEdit edit the output projection: the CLI's spec does not record the model preset's modules
+    for them, and a spec asking for another module is refused before any edit."""
+    import argparse
+
+    from rledit.cli import _bench_spec
+
+    args = argparse.Namespace(set=[], model="smollm2-135m", layers=[18], modules=None, data="zsre", split="eval",
+                              steps=1, batch=1, timing="end", seed=0, eval_every=1, protocols=None, label=None)
+    assert _bench_spec(args, "alphaedit").modules is None and _bench_spec(args, "rledit").modules is not None
+    model = tiny_model("llama")
+    before = model_hash(model)
+    spec = BenchSpec(method="alphaedit", data="zsre", steps=1, batch=1, layers=[1], modules=["gate_proj"])
+    with pytest.raises(ValueError, match="edits the MLP output projection \\(down_proj\\)"):
+        run_benchmark(model, tokenizer, "tiny-llama", spec, progress=False)
+    assert model_hash(model) == before
+
+
 @pytest.mark.slow
 def test_bench_two_methods_on_smollm2(tmp_path):
     torch.manual_seed(0)

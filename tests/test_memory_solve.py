@@ -532,3 +532,21 @@ def test_an_override_of_a_scalar_the_checkpoint_holds_is_flagged(tokenizer, tmp_
         warnings.simplefilter("error")
         Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, checkpoint=tmp_path / "ckpt",
                                hparams={"passes": 2, "lr_init": 30.0})  # the held value's own initial value: fine
+
+
+def test_the_validation_sweep_refuses_a_setting_the_checkpoint_would_ignore(tokenizer, tmp_path, monkeypatch):
+    """A sweep of a checkpoint over an ``*_init`` it holds would score the checkpoint's own value under the setting's
+    name: benchmarks/validation_sweep.py refuses it before loading any model."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import validation_sweep
+
+    _editor(tokenizer, memory_init=2.0).save_checkpoint(tmp_path / "ckpt")
+    monkeypatch.setattr(validation_sweep, "load_model", lambda name: pytest.fail("loaded a model"))
+    monkeypatch.setattr("sys.argv", ["validation_sweep.py", "--checkpoint", str(tmp_path / "ckpt"), "--out",
+                                     str(tmp_path / "sweep"), "--setting", '{"passes": 2}',
+                                     "--setting", '{"memory_init": 3.0}'])
+    with pytest.raises(SystemExit, match=r"holds its learned \['memory_init'\]"):
+        validation_sweep.main()
+    assert not (tmp_path / "sweep").exists()
