@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 import rledit
-from rledit.data import load_requests
 from rledit.checkpoints import read_checkpoint
+from rledit.data import load_requests
 from rledit.editor import Editor, held_overrides
 from rledit.eval.relations import in_half
 from rledit.files import command_line, write_text_atomically
