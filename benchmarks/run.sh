@@ -271,3 +271,24 @@ for run in "rows100 1 12" "rows025 0.25 12" "rows010b 0.1 12" "rows025-ep40 0.25
   cp runs/sweep-zsre-$1-rule/sweep.json benchmarks/results/sweeps/loss-rows/sweep-zsre-$1.json
   cp runs/sweep-zsre-$1-rule/sweep.md benchmarks/results/sweeps/loss-rows/sweep-zsre-$1.md
 done
+
+# AlphaEdit after 1,000 zsRE edits with 30k, 300k and every bundled token (882,554) of key statistics (bare prompts,
+# 5 % energy null space; benchmarks/results/key-statistics/zsre-50x20)
+for T in 30000 300000 1000000; do
+  .venv/bin/rledit bench --model smollm2-135m --split eval --seed 0 --data zsre --steps 50 --batch 20 --timing end \
+    --protocols zsre-token-acc@2 zsre-token-acc@1 --methods alphaedit --layers 18 19 20 21 \
+    --set method.context_lengths=[] method.corpus=sst2+zsre-train-questions+counterfact-train-facts \
+    method.stats_samples=200000 method.stats_tokens=$T \
+    --label "alphaedit (bare prompts, 5 % energy null space, statistics $T tokens)" --save-every 5 \
+    --out benchmarks/results/key-statistics/zsre-50x20
+done
+
+# Experiment log 39: the shipped zsRE network's training for gate/up of layers 16-19 and 24-27, given the shipped rule
+OMP_NUM_THREADS=1 .venv/bin/rledit train --hparams $TRAIN_ZSRE --out runs/zsre-split8 \
+  --set "model.layers=[16,17,18,19,24,25,26,27]" method.lr_init=0.025 method.train.checkpoint_every=2
+.venv/bin/python benchmarks/retune_scalars.py --checkpoint runs/zsre-split8/editor --setting "$ZSRE_RULE" \
+  --chosen-on benchmarks/results/sweeps/passes --out runs/zsre-split8-rule
+.venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint runs/zsre-split8-rule --steps 50 --setting '{}' \
+  --out runs/sweep-zsre-split8-rule
+cp runs/sweep-zsre-split8-rule/sweep.json benchmarks/results/sweeps/layers-trained/sweep-zsre-split8.json
+cp runs/sweep-zsre-split8-rule/sweep.md benchmarks/results/sweeps/layers-trained/sweep-zsre-split8.md
