@@ -292,3 +292,11 @@ OMP_NUM_THREADS=1 .venv/bin/rledit train --hparams $TRAIN_ZSRE --out runs/zsre-s
   --out runs/sweep-zsre-split8-rule
 cp runs/sweep-zsre-split8-rule/sweep.json benchmarks/results/sweeps/layers-trained/sweep-zsre-split8.json
 cp runs/sweep-zsre-split8-rule/sweep.md benchmarks/results/sweeps/layers-trained/sweep-zsre-split8.md
+# ... and for gate/up of layers 20-27 (the candidate network; its rule is committed in training/zsre-upper8-rule)
+OMP_NUM_THREADS=1 .venv/bin/rledit train --hparams $TRAIN_ZSRE --out runs/zsre-upper8 \
+  --set "model.layers=[20,21,22,23,24,25,26,27]" method.lr_init=0.025 method.train.checkpoint_every=2
+retune runs/zsre-upper8/editor "$ZSRE_RULE" passes zsre-upper8-rule
+.venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint benchmarks/results/training/zsre-upper8-rule \
+  --steps 50 --setting '{}' --out runs/sweep-zsre-upper8-rule
+cp runs/sweep-zsre-upper8-rule/sweep.json benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8.json
+cp runs/sweep-zsre-upper8-rule/sweep.md benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8.md
