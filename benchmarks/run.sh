@@ -300,3 +300,10 @@ retune runs/zsre-upper8/editor "$ZSRE_RULE" passes zsre-upper8-rule
   --steps 50 --setting '{}' --out runs/sweep-zsre-upper8-rule
 cp runs/sweep-zsre-upper8-rule/sweep.json benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8.json
 cp runs/sweep-zsre-upper8-rule/sweep.md benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8.md
+# ... and with the published absolute threshold on the 30k mix (which of the two changes made the difference)
+.venv/bin/rledit bench --model smollm2-135m --split eval --seed 0 --data zsre --steps 50 --batch 20 --timing end \
+  --protocols zsre-token-acc@2 zsre-token-acc@1 --methods alphaedit --layers 18 19 20 21 \
+  --set method.context_lengths=[] method.nullspace_rule=absolute method.nullspace_threshold=0.02 \
+  method.corpus=sst2+zsre-train-questions+counterfact-train-facts method.stats_samples=200000 method.stats_tokens=30000 \
+  --label "alphaedit (bare prompts, absolute null space 2e-2, statistics 30000 tokens)" --save-every 5 \
+  --out benchmarks/results/key-statistics/zsre-50x20
