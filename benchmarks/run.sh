@@ -15,9 +15,12 @@ retune() {
     --chosen-on "benchmarks/results/sweeps/$3" --out "benchmarks/results/training/$4"
 }
 
-# Shipped editors (rledit/editors/README.md): the RL-trained zsRE networks of benchmarks/results/editors-v1 with the
-# rule of experiment log entry 8, and the untrained CounterFact rule of entries 19, 35 and 37. Written to runs/shipped/NAME,
-# then their checkpoint files copied into rledit/editors/NAME (which also holds the networks' training logs).
+# Shipped editors (rledit/editors/README.md): the zsRE networks trained for gate/up of layers 20-27 (experiment log
+# entries 39 and 40; their training commands are the "Experiment log 39" and "Experiment log 40" blocks at the end of
+# this file) with the rule of entry 8 at alpha x 2, and the untrained CounterFact rule of entries 19, 35 and 37. Written
+# to runs/shipped/NAME, then their checkpoint files copied into rledit/editors/NAME (which also holds the networks'
+# training logs). The zsRE editors shipped before (the 24-27 networks of editors-v1 with entry 8's rule) are
+# `retune $V1/smollm2-135m-zsre "$ZSRE_RULE" passes zsre-retuned-passes` and its MALMEN twin (editors-v3/README.md).
 V1=benchmarks/results/editors-v1
 ship() {  # ship NAME SWEEP SETTING RETUNE_SCALARS_ARGS...
   local name=$1 sweep=$2 setting=$3; shift 3
@@ -26,8 +29,8 @@ ship() {  # ship NAME SWEEP SETTING RETUNE_SCALARS_ARGS...
   cp "runs/shipped/$name/checkpoint.json" "runs/shipped/$name/checkpoint.safetensors" "rledit/editors/$name/"
 }
 ZSRE_RULE='{"memory_init": 1.0, "corpus_init": 1000.0, "corpus": "zsre-train-questions", "stats_samples": 4000, "passes": 6, "refine": "gradient", "scale": {"ridge": 0.1, "alpha": 0.6, "beta": 1.0}}'
-ship smollm2-135m-zsre passes "$ZSRE_RULE" --checkpoint $V1/smollm2-135m-zsre
-ship smollm2-135m-zsre-malmen passes "$ZSRE_RULE" --checkpoint $V1/smollm2-135m-zsre-malmen
+ship smollm2-135m-zsre layers-trained '{"scale": {"alpha": 2}}' --checkpoint benchmarks/results/training/zsre-upper8-rule
+ship smollm2-135m-zsre-malmen layers-trained '{"scale": {"alpha": 2}}' --checkpoint benchmarks/results/training/zsre-upper8-malmen-rule
 # CounterFact: entry 19's split rule (shipped under this name until entry 37; its rows are in editors-v2), then
 # paraphrase invariance 0.3 with nine subject passes at lr x 0.773 on top of it (entries 35 and 37)
 SPLIT_RULE=runs/shipped/counterfact-split-rule
@@ -307,3 +310,29 @@ cp runs/sweep-zsre-upper8-rule/sweep.md benchmarks/results/sweeps/layers-trained
   method.corpus=sst2+zsre-train-questions+counterfact-train-facts method.stats_samples=200000 method.stats_tokens=30000 \
   --label "alphaedit (bare prompts, absolute null space 2e-2, statistics 30000 tokens)" --save-every 5 \
   --out benchmarks/results/key-statistics/zsre-50x20
+
+# Experiment log 40: the 20-27 network's rule with alpha x 3 on the validation stream, the alpha x 2 rule (shipped as
+# smollm2-135m-zsre) on the eval stream, the untrained editor with the same rule, and the MALMEN-style network
+# trained for the same eight layers (shipped as smollm2-135m-zsre-malmen with the same rule)
+.venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint benchmarks/results/training/zsre-upper8-rule \
+  --steps 50 --setting '{"scale": {"alpha": 3}}' --out runs/sweep-zsre-upper8-alpha3
+cp runs/sweep-zsre-upper8-alpha3/sweep.json benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8-alpha3.json
+cp runs/sweep-zsre-upper8-alpha3/sweep.md benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8-alpha3.md
+.venv/bin/python benchmarks/retune_scalars.py --checkpoint benchmarks/results/training/zsre-upper8-rule \
+  --setting '{"scale": {"alpha": 2}}' --chosen-on benchmarks/results/sweeps/layers-trained --out runs/zsre-upper8-alpha2
+.venv/bin/rledit bench --model smollm2-135m --split eval --seed 0 --data zsre --steps 50 --batch 20 --timing end \
+  --protocols zsre-token-acc@2 zsre-token-acc@1 --methods rledit:runs/zsre-upper8-alpha2 \
+  --label "rledit:zsre-upper8-alpha2 (RL network for gate/up 20-27, shipped rule, alpha x2)" --out runs/eval-upper8-alpha2
+cp runs/eval-upper8-alpha2/*.json runs/eval-upper8-alpha2/*.jsonl benchmarks/results/zsre-50x20-v2/
+# (the untrained editor's scalars: the trained rule's mean step size 0.025 and mean log ridge -2.49 over its modules)
+.venv/bin/rledit bench --model smollm2-135m --split eval --seed 0 --data zsre --steps 50 --batch 20 --timing end \
+  --protocols zsre-token-acc@2 zsre-token-acc@1 --methods rledit --layers 20 21 22 23 24 25 26 27 \
+  --set method.lr_init=0.025 method.lambda_init=-2.49 method.memory_init=1.0 method.corpus_init=1200.0 \
+  method.corpus=zsre-train-questions method.stats_samples=4000 method.passes=6 method.refine=gradient \
+  --label "rledit+passes L20-27 (untrained, same rule as zsre-upper8-alpha2)" --out runs/eval-upper8-untrained
+cp runs/eval-upper8-untrained/*.json runs/eval-upper8-untrained/*.jsonl benchmarks/results/zsre-50x20-v2/
+OMP_NUM_THREADS=1 .venv/bin/rledit train --hparams hparams/experiments/train-malmen-smollm2-zsre.yaml \
+  --out runs/zsre-upper8-malmen --set "model.layers=[20,21,22,23,24,25,26,27]" method.lr_init=0.025
+retune runs/zsre-upper8-malmen/editor "$ZSRE_RULE" passes zsre-upper8-malmen-rule
+cp runs/zsre-upper8-malmen/{hparams.yaml,train_log.jsonl,training_curve.png} benchmarks/results/training/zsre-upper8-malmen/
+bench "${V2[@]}" --methods malmen:smollm2-135m-zsre-malmen
