@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=20)
-    parser.add_argument("--layers", type=int, nargs="*", default=[24, 25, 26, 27])
+    parser.add_argument("--layers", type=int, nargs="*", default=None,
+                        help="edited layers of an untrained editor (default: the checkpoint's)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     loaded = [load_model("smollm2-135m") for _ in range(2)]
