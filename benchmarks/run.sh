@@ -336,3 +336,16 @@ OMP_NUM_THREADS=1 .venv/bin/rledit train --hparams hparams/experiments/train-mal
 retune runs/zsre-upper8-malmen/editor "$ZSRE_RULE" passes zsre-upper8-malmen-rule
 cp runs/zsre-upper8-malmen/{hparams.yaml,train_log.jsonl,training_curve.png} benchmarks/results/training/zsre-upper8-malmen/
 bench "${V2[@]}" --methods malmen:smollm2-135m-zsre-malmen
+# ... the untrained editor with the same rule on the validation stream
+.venv/bin/python benchmarks/retune_scalars.py --layers 20 21 22 23 24 25 26 27 --modules gate_proj up_proj \
+  --setting '{"lr_init": 0.025, "lambda_init": -2.49, "memory_init": 1.0, "corpus_init": 1200.0, "corpus": "zsre-train-questions", "stats_samples": 4000, "passes": 6, "refine": "gradient"}' \
+  --chosen-on benchmarks/results/sweeps/layers-trained --out runs/zsre-upper8-untrained
+.venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint runs/zsre-upper8-untrained --steps 50 \
+  --setting '{}' --out runs/sweep-zsre-upper8-untrained
+cp runs/sweep-zsre-upper8-untrained/sweep.json benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8-untrained.json
+cp runs/sweep-zsre-upper8-untrained/sweep.md benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8-untrained.md
+# ... and what a step of the eight-layer rule costs against the four-layer one
+.venv/bin/python benchmarks/passes_cost.py --checkpoint rledit/editors/smollm2-135m-zsre --steps 6 \
+  --out benchmarks/results/passes-cost/zsre-20-27
+.venv/bin/python benchmarks/passes_cost.py --checkpoint benchmarks/results/training/zsre-retuned-passes --steps 6 \
+  --out benchmarks/results/passes-cost/zsre-24-27
