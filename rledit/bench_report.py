@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -284,12 +285,17 @@ def load_runs(directory: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path.name} and {first_path.name} ran different streams ({', '.join(different)} "
                              "differ): keep one stream per results folder")
 
-    def rank(summary: dict[str, Any]) -> tuple[int, int, str]:
+    def rank(summary: dict[str, Any]) -> tuple[int, int, list[tuple[int, str]]]:
         method = summary["method"]
         order = ROW_ORDER.index(method) if method in ROW_ORDER else len(ROW_ORDER)
-        return order, 0 if summary.get("checkpoint") else 1, summary["name"]
+        return order, 0 if summary.get("checkpoint") else 1, natural_key(summary["name"])
 
     return sorted((s for _, s in runs), key=rank)
+
+
+def natural_key(label: str) -> list[tuple[int, str]]:
+    """A sort key that orders the numbers inside labels by value ("30000 tokens" before "300000 tokens")."""
+    return [(int(part), "") if part.isdigit() else (-1, part) for part in re.split(r"(\d+)", label) if part]
 
 
 def write_report(directory: str | Path) -> tuple[Path, Path | None]:

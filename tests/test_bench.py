@@ -149,3 +149,13 @@ def test_runs_scored_by_a_newer_headline_protocol_tabulate_by_it():
     assert "curve" not in new and old["protocol"] == "zsre-token-acc@1"  # the summary itself is not changed
     only_v1 = {**old, "metrics_by_protocol": {"zsre-token-acc@1": {"efficacy": 1.0}}}
     assert with_preferred_headline(only_v1) is only_v1
+
+
+def test_rows_order_the_numbers_in_their_labels_by_value():
+    from rledit.bench_report import natural_key
+
+    labels = ["alphaedit (statistics 1000000 tokens)", "alphaedit (statistics 30000 tokens)",
+              "alphaedit (statistics 300000 tokens)", "alphaedit (absolute 2e-2)"]
+    assert sorted(labels, key=natural_key) == ["alphaedit (absolute 2e-2)", "alphaedit (statistics 30000 tokens)",
+                                               "alphaedit (statistics 300000 tokens)",
+                                               "alphaedit (statistics 1000000 tokens)"]
