@@ -349,3 +349,8 @@ cp runs/sweep-zsre-upper8-untrained/sweep.md benchmarks/results/sweeps/layers-tr
   --out benchmarks/results/passes-cost/zsre-20-27
 .venv/bin/python benchmarks/passes_cost.py --checkpoint benchmarks/results/training/zsre-retuned-passes --steps 6 \
   --out benchmarks/results/passes-cost/zsre-24-27
+# ... and the eight-layer rule with four passes instead of six (validation stream)
+.venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint benchmarks/results/training/zsre-upper8-rule \
+  --steps 50 --setting '{"passes": 4, "scale": {"alpha": 2}}' --out runs/sweep-zsre-upper8-alpha2-passes4
+cp runs/sweep-zsre-upper8-alpha2-passes4/sweep.json benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8-alpha2-passes4.json
+cp runs/sweep-zsre-upper8-alpha2-passes4/sweep.md benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8-alpha2-passes4.md
