@@ -38,11 +38,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--layers", type=int, nargs="*", default=None,
                         help="edited layers of an untrained editor (default: the checkpoint's)")
+    parser.add_argument("--setting", default="{}",
+                        help='JSON hparams overrides of the checkpoint\'s, e.g. \'{"refine_layers": [24, 25, 26, 27]}\'')
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    overrides = json.loads(args.setting)
     loaded = [load_model("smollm2-135m") for _ in range(2)]
     editors = {way: Editor.from_pretrained(m.model, tokenizer=m.tokenizer, method="rledit", checkpoint=args.checkpoint,
-                                           layers=args.layers)
+                                           layers=args.layers, hparams=overrides or None)
                for way, m in zip(("edited layers only", "whole model"), loaded)}
     requests = load_requests("zsre", split="eval")[:args.steps * args.batch]
     seconds = {way: [] for way in editors}
@@ -67,6 +70,7 @@ def main() -> None:
     rows = [{"passes": way, "seconds_per_step": round(statistics.median(s), 3),
              "apply_over_floor": round(statistics.median(s) / median_floor, 2)} for way, s in seconds.items()]
     summary = {"format": "rledit-passes-cost@1", "command": command_line(), "checkpoint": args.checkpoint,
+               "setting": overrides,
                "passes": a.method.hparams.passes, "steps": args.steps, "batch": args.batch,
                "floor_seconds_per_step": round(median_floor, 3), "max_relative_difference": float(f"{worst:.3g}"),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "version": rledit.__version__,

@@ -43,7 +43,9 @@ class _Reached(Exception):
 
 @dataclass(frozen=True)
 class Prefix:
-    """The unedited layers ``layers[:start]`` of a model's decoder stack (``owner.<attr>``)."""
+    """The unedited layers ``layers[:start]`` of a model's decoder stack (``owner.<attr>``), or of the upper part
+    another prefix's :meth:`skipped` leaves (a prefix of a prefix: the passes that write only the upper edited
+    layers, :meth:`rledit.methods.rledit.method.RLEditMethod.later_passes`)."""
 
     model: nn.Module
     owner: nn.Module
@@ -60,20 +62,35 @@ class Prefix:
             return None
         owner_path, attr = path.rsplit(".", 1)
         owner = model.get_submodule(owner_path)
-        start = min(t.layer for t in targets)
+        lowest = min(targets, key=lambda t: t.layer)
+        # the index in the layer list as it is now: inside another prefix's skipped() it starts at that one's start
+        start = next((i for i, layer in enumerate(getattr(owner, attr))
+                      if any(m is lowest.module for m in layer.modules())), None)
+        if start is None:
+            raise RuntimeError(f"{lowest.name} is not in the layers {path} runs now; cannot skip the layers below it")
         return cls(model, owner, attr, start) if start > 0 else None
+
+    @property
+    def nested(self) -> bool:
+        """Whether the layer list is another prefix's upper part now (made inside its :meth:`skipped`: ``start``
+        counts from that prefix's start, and the batches carry that prefix's hidden state)."""
+        return len(getattr(self.owner, self.attr)) < self.model.config.num_hidden_layers
 
     @torch.no_grad()
     def hidden(self, batch: TokenBatch) -> torch.Tensor:
-        """The residual stream entering layer ``start`` for ``batch`` (B, L, d), from the full input ids."""
+        """The residual stream entering layer ``start`` for ``batch`` (B, L, d), from the full input ids, or,
+        inside another prefix's :meth:`skipped` with ``batch`` carrying that prefix's hidden state, from it."""
         layer = getattr(self.owner, self.attr)[self.start]
+        if self.nested and batch.inputs_embeds is None:
+            raise RuntimeError("inside another prefix's skipped() the batch must carry that prefix's hidden state")
 
         def stop(module: nn.Module, args: tuple, kwargs: dict):
             raise _Reached(args[0] if args else kwargs["hidden_states"])
 
         handle = layer.register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            self.model(**model_inputs(self.model, replace(batch, inputs_embeds=None)), use_cache=False)
+            self.model(**model_inputs(self.model, batch if self.nested else replace(batch, inputs_embeds=None)),
+                       use_cache=False)
         except _Reached as reached:
             return reached.hidden.detach()
         finally:

@@ -297,6 +297,38 @@ def test_the_passes_of_a_step_run_the_unedited_layers_once_and_give_the_same_upd
         assert torch.allclose(delta, runs[False][name], rtol=1e-4, atol=1e-6)
 
 
+def test_refine_layers_keep_the_later_passes_to_the_upper_layers_and_run_only_those(tokenizer, monkeypatch):
+    from rledit.prefix import Prefix
+
+    requests = load_requests("zsre", "train", limit=4)
+    runs, deltas = {}, {}
+    for way in ("upper only", "upper only, whole model", "every layer"):
+        if way == "upper only, whole model":
+            monkeypatch.setattr(Prefix, "for_targets", classmethod(lambda cls, model, targets: None))
+        refine = [] if way == "every layer" else [2]
+        editor = _editor(tokenizer, memory_init=1.0, passes=3, refine="gradient", refine_layers=refine)
+        layer_1 = editor.model.model.layers[1]
+        runs[way] = []
+        layer_1.register_forward_hook(lambda module, args, output, runs=runs[way]: runs.append(1))
+        step = editor.apply(requests)
+        n = editor._encode(as_requests(requests)).n_answer_tokens
+        for target in editor.targets:  # pass 1 writes every layer, the later passes layer 2 only
+            refined = way == "every layer" or target.layer == 2
+            assert step.ranks[target.name] == (min(3 * n, target.d_in, target.d_out) if refined else n)
+        deltas[way] = {t.name: editor.store.delta(t.name) for t in editor.targets}
+        assert len(editor.method.memory) == 1
+    # layer 1 runs in the first capture and once more for what enters layer 2; then the passes run from layer 2
+    assert len(runs["upper only"]) == 2 and len(runs["upper only, whole model"]) == 3
+    for name, delta in deltas["upper only"].items():
+        torch.testing.assert_close(delta, deltas["upper only, whole model"][name], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(deltas["upper only"][LAYER_2_UP], deltas["every layer"][LAYER_2_UP])
+    with pytest.raises(UpdateError, match=r"refine_layers \[3\] are not edited layers"):
+        _editor(tokenizer, memory_init=1.0, passes=3, refine_layers=[2, 3])
+
+
+LAYER_2_UP = "model.layers.2.mlp.up_proj"
+
+
 def test_the_solve_cost_benchmark_measures_both_solves_and_they_agree(tmp_path, monkeypatch):
     import json
     import sys

@@ -49,6 +49,26 @@ def test_suffix_logits_and_features_equal_the_full_model(kind, padding_side, tok
     assert len(getattr(prefix.owner, prefix.attr)) == 4  # the full stack is back after the block
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox", "gptj"])
+def test_a_prefix_inside_another_prefix_starts_from_its_hidden_state(kind, tokenizer):
+    model, _ = _edited(kind)
+    targets = resolve_targets(model, layers=[1, 3], modules=MODULES[kind])
+    batch = encode(tokenizer, PROMPTS, ANSWERS)
+    with torch.no_grad():
+        full = answer_logits(model, batch)
+    outer = Prefix.for_targets(model, targets)
+    attached = outer.attach(batch)
+    with outer.skipped():
+        inner = Prefix.for_targets(model, [t for t in targets if t.layer == 3])
+        assert inner.start == 2 and inner.nested  # layer 3 is the third of the layers from 1 up
+        twice = inner.attach(attached)
+        with inner.skipped(), torch.no_grad():
+            torch.testing.assert_close(answer_logits(model, twice), full, atol=1e-5, rtol=1e-5)
+        with pytest.raises(RuntimeError, match="must carry that prefix's hidden state"):
+            inner.attach(batch)
+    assert not outer.nested and len(getattr(outer.owner, outer.attr)) == 4
+
+
 def test_unsupported_architectures_and_layer_zero_run_in_full():
     gpt2 = tiny_model("gpt2")  # adds position embeddings to inputs_embeds: cannot start mid-stack
     assert Prefix.for_targets(gpt2, resolve_targets(gpt2, layers=[2], modules=["c_fc"])) is None

@@ -164,12 +164,15 @@ def test_training_stops_when_the_loss_diverges(tokenizer, tmp_path):
     assert (tmp_path / "editor").is_dir() and trainer.episode == 2
 
 
-def test_a_training_step_makes_the_passes_of_an_edit(tokenizer, tmp_path):
+@pytest.mark.parametrize("refine_layers", [[], [3]])
+def test_a_training_step_makes_the_passes_of_an_edit(tokenizer, tmp_path, refine_layers):
     """With passes > 1 the trainer acts as an edit does: the step it keeps is the editor's own multi-pass update
-    of the same requests from the same state, and the loss reaches the scalars through it."""
+    of the same requests from the same state (later passes on every layer, or on layer 3 only), and the loss
+    reaches the scalars through it."""
     def editor():
         torch.manual_seed(0)
         hparams = RLEditHparams(rank=16, lr_init=30.0, memory_init=1.0, passes=3, refine="gradient",
+                                refine_layers=refine_layers,
                                 train=TrainHparams(episodes=1, steps_per_episode=1, batch=2, back_depth=1,
                                                    loc_reference="unedited"))
         return Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, hparams=hparams, layers=[2, 3])
@@ -186,7 +189,8 @@ def test_a_training_step_makes_the_passes_of_an_edit(tokenizer, tmp_path):
     assert kept.keys() == expected.keys()
     for name, (u, v) in kept.items():
         n = step.edit.n_key_tokens
-        assert u.shape[1] == v.shape[0] == 3 * n  # three passes' factors, appended
+        passes = 3 if not refine_layers or ".3." in name else 1
+        assert u.shape[1] == v.shape[0] == passes * n  # the passes' factors, appended
         assert torch.allclose(u @ v, expected[name][0] @ expected[name][1], atol=1e-5, rtol=1e-4)
     net = trainer.method.hypernet
     assert net.log_lr.grad is not None and bool(net.log_lr.grad.abs().sum() > 0)

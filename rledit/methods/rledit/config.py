@@ -219,6 +219,11 @@ class RLEditHparams:
             in pass 1) or "gradient" (the plain gradient-like shifts d_i = -lr·||k_i||²·g_i with the module's
             learned step size: the network was trained on first-pass features, and on the small residual
             gradients of later passes its output keeps a bias that adds up over passes).
+        refine_layers: the layers the passes after the first write, a subset of the edited ones (empty, the
+            default: all of them). E.g. ``[24, 25, 26, 27]`` for an editor of layers 20-27: pass 1 writes all
+            eight, and each later pass runs only layers 24 and up (what enters layer 24, pass 1's update of 20-23
+            included, is computed once per step) and fits what is left there: the cost of the later passes of a
+            four-layer editor with the first pass of an eight-layer one.
         key_positions: where a step's features (keys and value-gradients) are read: "answer" (default, the
             published editor: the positions that predict the answer tokens, so the last prompt token carries
             most of an edit) or "answer+subject" (also each edit's subject's last token, the position
@@ -265,6 +270,7 @@ class RLEditHparams:
     invariance_samples: int = 2000
     passes: int = 1
     refine: Literal["network", "gradient"] = "network"
+    refine_layers: list[int] = field(default_factory=list)
     key_positions: Literal["answer", "answer+subject", "subject"] = "answer"
     pass_positions: list[str] = field(default_factory=list)
     context_lengths: list[list[int]] = field(default_factory=list)
@@ -299,6 +305,7 @@ class RLEditHparams:
         _require(not self.pass_positions or len(self.pass_positions) == self.passes - 1,
                  f"pass_positions names the passes after the first: {self.passes - 1} entries for passes = "
                  f"{self.passes}, got {len(self.pass_positions)}")
+        self.refine_layers = [int(layer) for layer in self.refine_layers]
         self.context_lengths = [list(pair) for pair in self.context_lengths]
         check_context_lengths(self.context_lengths)
         _require(self.context_top_k >= 1, f"context_top_k must be >= 1, got {self.context_top_k}")

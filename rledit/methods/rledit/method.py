@@ -10,7 +10,8 @@
 4. the factors U (d_in×N) and V (N×d_out) in fp32;
 5. at edit time, optionally more passes (``passes`` > 1): the step's features are captured again with the update
    so far applied, and steps 1–4 add the update of what is still missing (ΔW = Σ_p U_p V_p). With the memory
-   solve at β ≈ 1 this is recursive least squares that also converges within the step.
+   solve at β ≈ 1 this is recursive least squares that also converges within the step. ``refine_layers``
+   keeps the later passes to the upper edited layers (cheaper: they then run only those layers and up).
 
 Everything is differentiable: with gradients enabled, V carries the graph into D, λ and the network, which is
 what the RL trainer backpropagates through. K is the step's (detached) keys. The Gram matrix and the solve
@@ -79,6 +80,10 @@ class RLEditMethod(EditMethod):
         device, an empty key memory when the solve uses one, and the corpus statistics C_0 when it uses them."""
         net = self.build({t.name: t.shape for t in targets})
         hp = self.hparams
+        unedited = sorted(set(getattr(hp, "refine_layers", [])) - {t.layer for t in targets})
+        if unedited:
+            raise UpdateError(f"refine_layers {unedited} are not edited layers of this editor "
+                              f"({sorted({t.layer for t in targets})}); the later passes can only write edited layers")
         device = torch.device(hp.device) if getattr(hp, "device", None) else next(model.parameters()).device
         net.to(device)
         if getattr(hp, "memory_init", 0) > 0:  # MEND (a subclass) has no solve and no such settings
@@ -366,20 +371,30 @@ class RLEditMethod(EditMethod):
         runs the same passes as an edit. With ``differentiable`` the earlier passes stay pending with their
         graph and each pass's features are captured differentiably (a second-order backward), so the result
         is differentiable through what every later pass reads too. Later passes leave the normaliser's
-        statistics alone, and the key memory keeps the first pass's keys (one step, one entry)."""
+        statistics alone, and the key memory keeps the first pass's keys (one step, one entry).
+
+        With ``refine_layers`` the later passes write only those layers' modules, and (not ``differentiable``)
+        run only the layers from the lowest of them up, from the hidden state that enters it with the first
+        pass pending (computed once: the layers below do not change after the first pass)."""
         if not batches:
             return updates
+        refined = [t for t in targets if t.layer in self.hparams.refine_layers] or list(targets)
         staged = self.memory.staged if self.memory is not None else None
         with temporary_store(model, targets) as store:
-            for batch in batches:
-                pending = updates if differentiable else {name: (u.detach(), v.detach())
-                                                          for name, (u, v) in updates.items()}
-                with store.pending(pending):
-                    features = capture_features(model, targets, batch, differentiable=differentiable)
-                more = self.compute_updates(features, targets, update_stats=False,
-                                            network=self.hparams.refine == "network")
-                updates = {name: (torch.cat([u, more[name][0]], 1), torch.cat([v, more[name][1]], 0))
-                           for name, (u, v) in updates.items()}
+            inner = None if differentiable or len(refined) == len(targets) else Prefix.for_targets(model, refined)
+            if inner is not None:
+                with store.pending({name: (u.detach(), v.detach()) for name, (u, v) in updates.items()}):
+                    batches = _entering(inner, batches)
+            with inner.skipped() if inner is not None else nullcontext():
+                for batch in batches:
+                    pending = updates if differentiable else {name: (u.detach(), v.detach())
+                                                              for name, (u, v) in updates.items()}
+                    with store.pending(pending):
+                        features = capture_features(model, refined, batch, differentiable=differentiable)
+                    more = self.compute_updates(features, refined, update_stats=False,
+                                                network=self.hparams.refine == "network")
+                    updates = {name: (torch.cat([u, more[name][0]], 1), torch.cat([v, more[name][1]], 0))
+                               if name in more else (u, v) for name, (u, v) in updates.items()}
         if self.memory is not None:
             self.memory.staged = staged
         return updates
@@ -427,6 +442,16 @@ class MALMENMethod(RLEditMethod):
 
     name = "malmen"
     hparams_class = MALMENHparams
+
+
+def _entering(prefix: Prefix, batches: Sequence[TokenBatch]) -> list[TokenBatch]:
+    """``batches`` carrying the hidden state entering ``prefix.start`` (computed once per distinct rows)."""
+    attached: list[TokenBatch] = []
+    for batch in batches:
+        same = next((a for a in attached if torch.equal(a.input_ids, batch.input_ids)
+                     and torch.equal(a.attention_mask, batch.attention_mask)), None)
+        attached.append(replace(batch, inputs_embeds=same.inputs_embeds) if same is not None else prefix.attach(batch))
+    return attached
 
 
 def _on_device(features: StepFeaturesLike, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
