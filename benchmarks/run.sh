@@ -354,3 +354,17 @@ cp runs/sweep-zsre-upper8-untrained/sweep.md benchmarks/results/sweeps/layers-tr
   --steps 50 --setting '{"passes": 4, "scale": {"alpha": 2}}' --out runs/sweep-zsre-upper8-alpha2-passes4
 cp runs/sweep-zsre-upper8-alpha2-passes4/sweep.json benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8-alpha2-passes4.json
 cp runs/sweep-zsre-upper8-alpha2-passes4/sweep.md benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8-alpha2-passes4.md
+
+# Experiment log 41 (benchmarks/results/README.md): the later passes on the upper four layers only (refine_layers),
+# on the validation stream, and what a step costs
+for setting in '{"refine_layers": [24, 25, 26, 27]}:refine24' '{"refine_layers": [24, 25, 26, 27], "passes": 9}:refine24-passes9'; do
+  .venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint rledit/editors/smollm2-135m-zsre --steps 50 \
+    --setting "${setting%:*}" --out "runs/sweep-zsre-${setting##*:}"
+  cp "runs/sweep-zsre-${setting##*:}/sweep.json" "benchmarks/results/sweeps/refine-layers/sweep-zsre-${setting##*:}.json"
+  cp "runs/sweep-zsre-${setting##*:}/sweep.md" "benchmarks/results/sweeps/refine-layers/sweep-zsre-${setting##*:}.md"
+done
+PASSES_COST=(.venv/bin/python benchmarks/passes_cost.py --checkpoint rledit/editors/smollm2-135m-zsre --steps 6)
+"${PASSES_COST[@]}" --out benchmarks/results/passes-cost/refine-layers/full
+"${PASSES_COST[@]}" --setting '{"refine_layers": [24, 25, 26, 27]}' --out benchmarks/results/passes-cost/refine-layers/r24
+"${PASSES_COST[@]}" --setting '{"refine_layers": [24, 25, 26, 27], "passes": 9}' \
+  --out benchmarks/results/passes-cost/refine-layers/r24-p9
