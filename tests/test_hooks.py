@@ -129,7 +129,8 @@ def test_features_follow_the_delta_store(tokenizer_bos_left):
     assert edited.loss == pytest.approx(reference.loss, rel=1e-5)
     for t in targets:
         torch.testing.assert_close(edited.keys[t.name], reference.keys[t.name], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(edited.grads[t.name], reference.grads[t.name], rtol=1e-4, atol=1e-6)
+        # x W + (x u) v and x (W + u v) round differently in fp32; gradients of ~1e-2 differ by a few 1e-6
+        torch.testing.assert_close(edited.grads[t.name], reference.grads[t.name], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_batches_and_targets(tokenizer):
