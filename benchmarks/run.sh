@@ -368,3 +368,21 @@ PASSES_COST=(.venv/bin/python benchmarks/passes_cost.py --checkpoint rledit/edit
 "${PASSES_COST[@]}" --setting '{"refine_layers": [24, 25, 26, 27]}' --out benchmarks/results/passes-cost/refine-layers/r24
 "${PASSES_COST[@]}" --setting '{"refine_layers": [24, 25, 26, 27], "passes": 9}' \
   --out benchmarks/results/passes-cost/refine-layers/r24-p9
+
+# Experiment log 42 (benchmarks/results/README.md, ablation-zsre-1000/README.md): the shipped eight-layer editor
+# without its key memory, and without C_0, at 1,000 zsRE eval edits ...
+ABL8=(--model smollm2-135m --split eval --seed 0 --data zsre --steps 50 --batch 20 --timing end
+      --protocols zsre-token-acc@2 zsre-token-acc@1 --methods rledit:smollm2-135m-zsre --out runs/ablation-upper8)
+.venv/bin/rledit bench "${ABL8[@]}" --set method.memory_init=0.0 --label "smollm2-135m-zsre without the key memory (beta 0)"
+.venv/bin/rledit bench "${ABL8[@]}" --set method.corpus_init=0.0 --label "smollm2-135m-zsre without C_0 (alpha 0)"
+cp runs/ablation-upper8/*.json runs/ablation-upper8/*.jsonl benchmarks/results/ablation-zsre-1000/
+.venv/bin/rledit bench-report benchmarks/results/ablation-zsre-1000
+# ... and the eight-layer network trained from warm-started episodes (up to 40 steps of its own edits applied first):
+# with the plain solve (stopped after 4 of 12 episodes), and with the rule's first-pass solve, its scalars held
+TRAIN8=(--hparams hparams/experiments/train-rledit-smollm2-zsre.yaml --set "model.layers=[20,21,22,23,24,25,26,27]"
+        method.lr_init=0.025 method.train.warm_start_max=40)
+OMP_NUM_THREADS=1 .venv/bin/rledit train "${TRAIN8[@]}" --out runs/zsre-upper8-warm40
+cp runs/zsre-upper8-warm40/{hparams.yaml,train_log.jsonl} benchmarks/results/training/zsre-upper8-warm40/
+OMP_NUM_THREADS=1 .venv/bin/rledit train "${TRAIN8[@]}" method.lambda_init=-2.49 method.memory_init=1.0 \
+  method.corpus_init=1200.0 method.corpus=zsre-train-questions method.stats_samples=4000 method.train.scalar_meta_lr=0.0 \
+  --out runs/zsre-upper8-warm40-solve
