@@ -386,3 +386,21 @@ cp runs/zsre-upper8-warm40/{hparams.yaml,train_log.jsonl} benchmarks/results/tra
 OMP_NUM_THREADS=1 .venv/bin/rledit train "${TRAIN8[@]}" method.lambda_init=-2.49 method.memory_init=1.0 \
   method.corpus_init=1200.0 method.corpus=zsre-train-questions method.stats_samples=4000 method.train.scalar_meta_lr=0.0 \
   --out runs/zsre-upper8-warm40-solve
+for n in 6 10 12; do  # its checkpoints, with the rule's six passes, on the validation stream
+  ckpt=runs/zsre-upper8-warm40-solve/editor-ep$(printf %05d $n)
+  .venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint "$ckpt" --steps 50 \
+    --setting '{"passes": 6, "refine": "gradient"}' --out "runs/sweep-warm40-solve-ep$n"
+  cp "runs/sweep-warm40-solve-ep$n/sweep.json" "benchmarks/results/sweeps/warm-start/sweep-zsre-upper8-warm40-solve-ep$n.json"
+  cp "runs/sweep-warm40-solve-ep$n/sweep.md" "benchmarks/results/sweeps/warm-start/sweep-zsre-upper8-warm40-solve-ep$n.md"
+done
+# ... and paraphrase invariance on the shipped eight-layer rule
+.venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint rledit/editors/smollm2-135m-zsre --steps 50 \
+  --setting '{"invariance_weight": 0.3}' --out runs/sweep-upper8-inv03
+cp runs/sweep-upper8-inv03/sweep.json benchmarks/results/sweeps/invariance/sweep-zsre-upper8-inv03.json
+cp runs/sweep-upper8-inv03/sweep.md benchmarks/results/sweeps/invariance/sweep-zsre-upper8-inv03.md
+for a in 2 3; do  # the episode-12 network with a heavier C_0
+  .venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint runs/zsre-upper8-warm40-solve/editor-ep00012 \
+    --steps 50 --setting "{\"passes\": 6, \"refine\": \"gradient\", \"scale\": {\"alpha\": $a}}" --out "runs/sweep-warm40-solve-ep12-a$a"
+  cp "runs/sweep-warm40-solve-ep12-a$a/sweep.json" "benchmarks/results/sweeps/warm-start/sweep-zsre-upper8-warm40-solve-ep12-alpha$a.json"
+  cp "runs/sweep-warm40-solve-ep12-a$a/sweep.md" "benchmarks/results/sweeps/warm-start/sweep-zsre-upper8-warm40-solve-ep12-alpha$a.md"
+done
