@@ -78,12 +78,12 @@ class RLEditMethod(EditMethod):
     def prepare(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget]) -> None:
         """Build the hypernetwork for ``targets`` (or check that the loaded one fits them) on the model's
         device, an empty key memory when the solve uses one, and the corpus statistics C_0 when it uses them."""
-        net = self.build({t.name: t.shape for t in targets})
         hp = self.hparams
         unedited = sorted(set(getattr(hp, "refine_layers", [])) - {t.layer for t in targets})
         if unedited:
             raise UpdateError(f"refine_layers {unedited} are not edited layers of this editor "
                               f"({sorted({t.layer for t in targets})}); the later passes can only write edited layers")
+        net = self.build({t.name: t.shape for t in targets})
         device = torch.device(hp.device) if getattr(hp, "device", None) else next(model.parameters()).device
         net.to(device)
         if getattr(hp, "memory_init", 0) > 0:  # MEND (a subclass) has no solve and no such settings
