@@ -404,3 +404,12 @@ for a in 2 3; do  # the episode-12 network with a heavier C_0
   cp "runs/sweep-warm40-solve-ep12-a$a/sweep.json" "benchmarks/results/sweeps/warm-start/sweep-zsre-upper8-warm40-solve-ep12-alpha$a.json"
   cp "runs/sweep-warm40-solve-ep12-a$a/sweep.md" "benchmarks/results/sweeps/warm-start/sweep-zsre-upper8-warm40-solve-ep12-alpha$a.md"
 done
+# Experiment log 41, CounterFact: the later passes on 18-21 only, beside the shipped editor on the same stream
+for setting in '{"refine_layers": [18, 19, 20, 21]}:refine18' '{}:shipped'; do
+  .venv/bin/python benchmarks/validation_sweep.py --data counterfact --checkpoint rledit/editors/smollm2-135m-counterfact \
+    --steps 50 --setting "${setting%:*}" --out "runs/sweep-cf-${setting##*:}" &
+done; wait
+for name in refine18 shipped; do
+  cp "runs/sweep-cf-$name/sweep.json" "benchmarks/results/sweeps/refine-layers/sweep-cf-$name.json"
+  cp "runs/sweep-cf-$name/sweep.md" "benchmarks/results/sweeps/refine-layers/sweep-cf-$name.md"
+done
