@@ -297,6 +297,9 @@ def test_the_passes_of_a_step_run_the_unedited_layers_once_and_give_the_same_upd
         assert torch.allclose(delta, runs[False][name], rtol=1e-4, atol=1e-6)
 
 
+LAYER_2_UP = "model.layers.2.mlp.up_proj"
+
+
 def test_refine_layers_keep_the_later_passes_to_the_upper_layers_and_run_only_those(tokenizer, monkeypatch):
     from rledit.prefix import Prefix
 
@@ -324,9 +327,6 @@ def test_refine_layers_keep_the_later_passes_to_the_upper_layers_and_run_only_th
     assert not torch.allclose(deltas["upper only"][LAYER_2_UP], deltas["every layer"][LAYER_2_UP])
     with pytest.raises(UpdateError, match=r"refine_layers \[3\] are not edited layers"):
         _editor(tokenizer, memory_init=1.0, passes=3, refine_layers=[2, 3])
-
-
-LAYER_2_UP = "model.layers.2.mlp.up_proj"
 
 
 def test_the_solve_cost_benchmark_measures_both_solves_and_they_agree(tmp_path, monkeypatch):
