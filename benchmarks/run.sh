@@ -413,3 +413,10 @@ for name in refine18 shipped; do
   cp "runs/sweep-cf-$name/sweep.json" "benchmarks/results/sweeps/refine-layers/sweep-cf-$name.json"
   cp "runs/sweep-cf-$name/sweep.md" "benchmarks/results/sweeps/refine-layers/sweep-cf-$name.md"
 done
+# Reproduction checks on a fresh set-up (the note under experiment log 42): entry 39's zsRE sweep and entry 35's
+# CounterFact sweep, each with its committed command
+.venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint benchmarks/results/training/zsre-upper8-rule \
+  --steps 50 --setting '{"scale": {"alpha": 2}}' --out runs/repro-upper8-alpha2
+.venv/bin/python benchmarks/validation_sweep.py --data counterfact --checkpoint $SPLIT_RULE --steps 50 \
+  --setting '{"invariance_weight": 0.3, "invariance": "counterfact-train-rephrases", "passes": 9, "pass_positions": ["subject", "subject", "subject", "subject", "subject", "subject", "subject", "subject"], "scale": {"lr": 0.773}}' \
+  --out runs/repro-cf-invariance-nine
