@@ -348,9 +348,8 @@ class RLEditMethod(EditMethod):
         """``plain`` carrying the hidden state :meth:`capture` computed for the same rows, or None when it did
         not (the later passes then compute it); used once."""
         captured, self.lower_hidden = self.lower_hidden, None
-        same_rows = (captured is not None and torch.equal(captured.input_ids, plain.input_ids)
-                     and torch.equal(captured.attention_mask, plain.attention_mask))
-        return replace(plain, inputs_embeds=captured.inputs_embeds) if same_rows else None
+        same = captured is not None and _same_rows(captured, plain)
+        return replace(plain, inputs_embeds=captured.inputs_embeds) if same else None
 
     def pass_batches(self, tokenizer: Any, requests: Sequence[EditRequest], plain: TokenBatch) -> list[TokenBatch]:
         """The edit batch of each pass after the first (none with one pass): ``plain`` (the requests' prompts and
@@ -383,13 +382,11 @@ class RLEditMethod(EditMethod):
         with temporary_store(model, targets) as store:
             inner = None if differentiable or len(refined) == len(targets) else Prefix.for_targets(model, refined)
             if inner is not None:
-                with store.pending({name: (u.detach(), v.detach()) for name, (u, v) in updates.items()}):
+                with store.pending(detached(updates)):
                     batches = _entering(inner, batches)
             with inner.skipped() if inner is not None else nullcontext():
                 for batch in batches:
-                    pending = updates if differentiable else {name: (u.detach(), v.detach())
-                                                              for name, (u, v) in updates.items()}
-                    with store.pending(pending):
+                    with store.pending(updates if differentiable else detached(updates)):
                         features = capture_features(model, refined, batch, differentiable=differentiable)
                     more = self.compute_updates(features, refined, update_stats=False,
                                                 network=self.hparams.refine == "network")
@@ -444,12 +441,21 @@ class MALMENMethod(RLEditMethod):
     hparams_class = MALMENHparams
 
 
+def detached(updates: dict[str, Factors]) -> dict[str, Factors]:
+    """``updates`` with each factor detached from its graph."""
+    return {name: (u.detach(), v.detach()) for name, (u, v) in updates.items()}
+
+
+def _same_rows(a: TokenBatch, b: TokenBatch) -> bool:
+    """Whether two batches hold the same token rows (and so the same hidden states below the edited layers)."""
+    return torch.equal(a.input_ids, b.input_ids) and torch.equal(a.attention_mask, b.attention_mask)
+
+
 def _entering(prefix: Prefix, batches: Sequence[TokenBatch]) -> list[TokenBatch]:
     """``batches`` carrying the hidden state entering ``prefix.start`` (computed once per distinct rows)."""
     attached: list[TokenBatch] = []
     for batch in batches:
-        same = next((a for a in attached if torch.equal(a.input_ids, batch.input_ids)
-                     and torch.equal(a.attention_mask, batch.attention_mask)), None)
+        same = next((a for a in attached if _same_rows(a, batch)), None)
         attached.append(replace(batch, inputs_embeds=same.inputs_embeds) if same is not None else prefix.attach(batch))
     return attached
 

@@ -65,7 +65,7 @@ from rledit.eval.relations import same_relation_pair
 from rledit.files import atomic_file, command_line, write_text_atomically
 from rledit.hooks import answer_token_loss, capture_features, per_row_target_nll
 from rledit.methods.memory import KeyMemory, split_memory_state
-from rledit.methods.rledit.method import RLEditMethod
+from rledit.methods.rledit.method import RLEditMethod, detached
 from rledit.methods.rledit.net import shared_statistics
 from rledit.methods.rledit.solve import factored_frobenius_sq
 from rledit.prefix import Prefix
@@ -358,7 +358,7 @@ class RLEditTrainer:
             return {}
         loss, metrics = self.step_loss(updates, [current, *past], [1.0, *past_weights])
         (loss / (self.hp.update_every * lanes)).backward()
-        self._keep({name: (u.detach(), v.detach()) for name, (u, v) in updates.items()})
+        self._keep(detached(updates))
         return metrics | {"pre_edit_loss": features.loss}
 
     def action(self, current: WindowStep, features, differentiable: bool = False) -> dict[str, tuple]:
