@@ -77,17 +77,23 @@ class TokenBatch:
 def select_rows(batch: TokenBatch, rows: Sequence[int]) -> TokenBatch:
     """The batch of ``rows`` alone (in the order given), cut to the columns those rows use: a few short rows of a
     padded batch cost only their own length. Positions keep their ids, so each row's logits are unchanged."""
-    if not rows:
-        raise ValueError("select_rows needs at least one row")
     index = torch.as_tensor(list(rows), dtype=torch.long)
-    used = batch.attention_mask[index].bool().any(0).nonzero()[:, 0]
-    span = slice(int(used[0]), int(used[-1]) + 1) if len(used) else slice(0, batch.attention_mask.shape[1])
+    span = used_columns(batch, rows)
     picked = {f.name: getattr(batch, f.name) for f in fields(batch)}
     for name, value in picked.items():
         if isinstance(value, torch.Tensor):
             picked[name] = value[index.to(value.device)][:, span]
     picked["target_ids"] = [batch.target_ids[i] for i in rows]
     return TokenBatch(**picked)
+
+
+def used_columns(batch: TokenBatch, rows: Sequence[int]) -> slice:
+    """The columns of the padded ``batch`` that ``rows`` have real tokens in (all columns if none has any): what
+    :func:`select_rows` keeps."""
+    if not len(rows):
+        raise ValueError("select_rows needs at least one row")
+    used = batch.attention_mask[torch.as_tensor(list(rows), dtype=torch.long)].bool().any(0).nonzero()[:, 0]
+    return slice(int(used[0]), int(used[-1]) + 1) if len(used) else slice(0, batch.attention_mask.shape[1])
 
 
 def text_ids(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -20,6 +20,7 @@ from test_methods_editor import (
 from tiny import tiny_model, tiny_tokenizer
 
 from rledit.editor import Editor
+from rledit.hooks import per_row_target_nll
 from rledit.methods.alphaedit import AlphaEditHparams, AlphaEditMethod, nullspace_projection
 from rledit.methods.base import UpdateError
 from rledit.methods.memit import (
@@ -33,6 +34,7 @@ from rledit.methods.memit import (
 from rledit.methods.memit.contexts import context_prefixes, sample_text
 from rledit.methods.memit.stats import KeyStatistics, corpus_texts
 from rledit.targets import find_blocks, resolve_targets
+from rledit.tokens import answer_logits
 from rledit.types import EditRequest
 
 TEXTS = ["the film is a charming comedy", "dull", "a long , slow and ultimately empty movie about nothing much"]
@@ -336,6 +338,35 @@ def test_target_values_replay_the_blocks_below_exactly(tokenizer, kind, monkeypa
     for name, (u, v) in full.items():
         assert torch.allclose(replayed[name][0], u, atol=1e-5) and torch.allclose(replayed[name][1], v, atol=1e-5)
     assert "forward" not in lowest.__dict__  # the block computes again afterwards
+
+
+def test_each_edit_stops_on_its_own_as_if_optimised_alone(tokenizer):
+    """A request whose target cross-entropy is below early_stop_loss keeps its δ and leaves the batch; the others
+    go on exactly as each would alone (the published per-request loop), with its rows no longer computed."""
+    model = peaked_tiny_llama()
+    blocks = [module for layer, (_, module) in find_blocks(model).items() if layer <= 2]
+    requests = [EditRequest.from_dict(r) for r in REQUESTS]
+    prefixes = ["", "a b c"]
+
+    def optimise(rs, stop):
+        hp = MEMITHparams(**{**TINY_HPARAMS["memit"], "early_stop_loss": stop})
+        batch, subject, owner = compute.edit_rows(tokenizer, rs, prefixes, None)
+        kl_batch, kl_subject = compute.essence_rows(tokenizer, rs, hp.kl_prompt)
+        return compute.optimise_target_values(model, blocks, batch, subject, kl_batch, kl_subject, hp, owner)
+
+    batch, _, owner = compute.edit_rows(tokenizer, requests, prefixes, None)
+    with torch.no_grad():
+        start = compute.mean_per_edit(per_row_target_nll(answer_logits(model, batch), batch), owner)
+    easy, hard = int(start.argmin()), int(start.argmax())
+    stop = float(start.mean())  # the easier edit starts below it, the harder one above
+    values, trace = optimise(requests, stop)
+    alone, alone_trace = optimise([requests[hard]], stop)
+    untouched, _ = optimise(requests, 0.0)  # nobody stops: every δ moves
+    assert trace["steps"][easy] == 0 and trace["steps"][hard] == alone_trace["steps"][0] > 0
+    assert torch.allclose(values[hard], alone[0], atol=1e-5)
+    assert not torch.allclose(values[easy], untouched[easy], atol=1e-3)  # it would have moved
+    h, _ = optimise(requests, float("inf"))  # everyone stops at once: z = h
+    assert torch.equal(values[easy], h[easy])
 
 
 # ------------------------------------------------------------------------------------------- context prefixes

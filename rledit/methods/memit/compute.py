@@ -5,8 +5,9 @@
 * :func:`optimise_target_values`: for each request, a residual shift δ added to the output of the last edited
   layer's block at that position is optimised (Adam, all requests at once, each with its own δ and loss) so
   that the model predicts the target: loss = target cross-entropy + kl_factor · KL(p₀ ‖ p) on the essence
-  prompt ("{subject} is a") + v_weight_decay · ||δ||²/||h||², with ||δ|| clamped to clamp_norm_factor · ||h||.
-  The target value is z = h + δ (h: the block output there before the shift). The blocks up to the shifted
+  prompt ("{subject} is a") + v_weight_decay · ||δ||²/||h||², with ||δ|| clamped to clamp_norm_factor · ||h||;
+  each request stops once its target cross-entropy is below early_stop_loss, as in the published per-request
+  loop. The target value is z = h + δ (h: the block output there before the shift). The blocks up to the shifted
   one do not depend on δ: their outputs are recorded once and replayed at every optimisation step
   (:func:`recorded_blocks`, :func:`replayed_blocks`), so a step computes only the blocks above it.
 * :func:`keys_and_outputs` reads, in one forward pass, an edited module's inputs and that block's outputs at the
@@ -26,7 +27,17 @@ from torch import nn
 from rledit.hooks import per_row_target_nll
 from rledit.methods.memit.config import LocateEditHparams
 from rledit.methods.runtime import frozen_model
-from rledit.tokens import TokenBatch, answer_logits, encode_after_prefixes, subject_positions, subject_tokens
+from rledit.tokens import (
+    TokenBatch,
+    answer_logits,
+    encode,
+    encode_after_prefixes,
+    select_rows,
+    subject_last_token,
+    subject_positions,
+    subject_tokens,
+    used_columns,
+)
 from rledit.types import EditRequest
 
 
@@ -98,17 +109,22 @@ def optimise_target_values(model: nn.Module, blocks: Sequence[nn.Module], edit_b
                            owner: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, list[float]]]:
     """Target values z (B, hidden), fp32, at the output of ``blocks[-1]`` (the last edited layer's block; the
     blocks before it in ``blocks``: every block below it) for each edit, and the optimisation's trace (``nll``:
-    mean target cross-entropy before each step). See the module docstring.
+    the mean over edits of each edit's latest target cross-entropy, before each step; ``steps``: the optimiser
+    steps each edit's δ took). See the module docstring.
 
     ``owner[row]`` is the edit each row of ``edit_batch`` belongs to (its prompt after each context prefix,
     the bare prompt first: :func:`edit_rows`); an edit's δ is shared by its rows, its loss is their mean, and
-    z = h + δ with h from its first row. None: one row per edit. ``kl_batch`` has one row per edit."""
+    z = h + δ with h from its first row. None: one row per edit. ``kl_batch`` has one row per edit.
+
+    Each edit stops on its own, as the published per-request loop does: once its cross-entropy is below
+    ``early_stop_loss`` its δ is kept as it is and its rows leave the batch, so the steps after that cost only
+    the edits still being fitted."""
     block = blocks[-1]
     device = next(model.parameters()).device
-    owner = torch.arange(edit_batch.input_ids.shape[0]) if owner is None else owner
+    owner = torch.arange(edit_batch.input_ids.shape[0]) if owner is None else owner.cpu()
+    n_edits = int(owner.max()) + 1
     first_rows = first_row_of_each(owner)
     seen: dict[str, torch.Tensor] = {}
-    trace: dict[str, list[float]] = {"nll": []}
     kl_outputs: list[Any] = []
     edit_outputs: list[Any] = []
     with frozen_model(model):
@@ -120,27 +136,69 @@ def optimise_target_values(model: nn.Module, blocks: Sequence[nn.Module], edit_b
         h_norm = h.norm(dim=1, keepdim=True).clamp_min(1e-8)
         delta = torch.zeros_like(h, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
+        latest = torch.full((n_edits,), float("nan"))
+        done = torch.zeros(n_edits, dtype=torch.bool)
+        steps = torch.zeros(n_edits, dtype=torch.long)
+        trace: dict[str, list[float]] = {"nll": []}
         with torch.enable_grad():
             for _ in range(hp.v_steps):
-                with shifted_block(block, *edit_subject, delta[owner.to(device)], seen), \
-                        replayed_blocks(blocks, edit_outputs):
-                    row_nll = per_row_target_nll(answer_logits(model, edit_batch), edit_batch)
-                nll = mean_per_edit(row_nll, owner)
-                trace["nll"].append(float(nll.detach().mean()))
-                if bool((nll.detach() < hp.early_stop_loss).all()):
+                active = (~done).nonzero()[:, 0]
+                rows, subject, outputs, local = edit_part(edit_batch, edit_subject, edit_outputs, owner, active)
+                with shifted_block(block, *subject, delta[active.to(device)][local.to(device)], seen), \
+                        replayed_blocks(blocks, outputs):
+                    row_nll = per_row_target_nll(answer_logits(model, rows), rows)
+                nll = mean_per_edit(row_nll, local)
+                latest[active] = nll.detach().cpu()
+                trace["nll"].append(float(latest.mean()))
+                finished = latest[active] < hp.early_stop_loss
+                done[active[finished]] = True
+                if bool(done.all()):
                     break
-                with shifted_block(block, *kl_subject, delta, seen), replayed_blocks(blocks, kl_outputs):
-                    log_probs = last_token_log_probs(model, kl_batch)
-                kl = (kl_reference.exp() * (kl_reference - log_probs)).sum(-1)
-                decay = (delta.norm(dim=1, keepdim=True) / h_norm).squeeze(1) ** 2
-                loss = (nll + hp.kl_factor * kl + hp.v_weight_decay * decay).sum()
+                moving = active[~finished]
+                kl_rows, kl_at, kl_outputs_part, _ = edit_part(kl_batch, kl_subject, kl_outputs,
+                                                               torch.arange(n_edits), moving)
+                on = moving.to(device)
+                with shifted_block(block, *kl_at, delta[on], seen), replayed_blocks(blocks, kl_outputs_part):
+                    log_probs = last_token_log_probs(model, kl_rows)
+                reference = kl_reference[on]
+                kl = (reference.exp() * (reference - log_probs)).sum(-1)
+                decay = (delta[on].norm(dim=1) / h_norm[on].squeeze(1)) ** 2
+                loss = (nll[~finished.to(nll.device)] + hp.kl_factor * kl + hp.v_weight_decay * decay).sum()
+                kept = delta.detach().clone()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
+                    delta[done.to(device)] = kept[done.to(device)]  # Adam's momentum would move a finished δ
                     limit = hp.clamp_norm_factor * h_norm
                     delta.mul_((limit / delta.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+                steps[moving] += 1
+    trace["steps"] = steps.tolist()
     return h + delta.detach(), trace
+
+
+def edit_part(batch: TokenBatch, subject: tuple[torch.Tensor, torch.Tensor], outputs: Sequence[Any],
+              owner: torch.Tensor, edits: torch.Tensor) -> tuple[TokenBatch, tuple[torch.Tensor, torch.Tensor],
+                                                                  list[Any], torch.Tensor]:
+    """The rows of ``edits`` (ascending edit indices) alone: their batch (cut to the columns they use), their
+    subject positions in it, the recorded block outputs of those rows and columns (for
+    :func:`replayed_blocks`), and each row's index into ``edits``. ``subject`` must name one position per row,
+    row by row, as :func:`rledit.tokens.subject_positions` does."""
+    if not torch.equal(subject[0].cpu(), torch.arange(len(owner))):
+        raise ValueError("edit_part needs one subject position per row, in row order")
+    rows = torch.isin(owner, edits).nonzero()[:, 0]
+    span = used_columns(batch, rows.tolist())
+    cut = [_output_rows(output, rows, span) for output in outputs]
+    positions = subject[1].cpu()[rows] - span.start
+    return (select_rows(batch, rows.tolist()), (torch.arange(len(rows)), positions), cut,
+            torch.searchsorted(edits, owner[rows]))
+
+
+def _output_rows(output: Any, rows: torch.Tensor, span: slice) -> Any:
+    """A block's recorded output (B, L, hidden) or tuple starting with it, cut to ``rows`` and ``span``."""
+    if isinstance(output, tuple):
+        return (_output_rows(output[0], rows, span), *output[1:])
+    return output[rows.to(output.device)][:, span]
 
 
 def edit_rows(tokenizer: Any, requests: Sequence[EditRequest], prefixes: Sequence[str],
@@ -152,6 +210,15 @@ def edit_rows(tokenizer: Any, requests: Sequence[EditRequest], prefixes: Sequenc
     tokens = subject_tokens(tokenizer, requests, prefixes)
     owner = torch.arange(len(requests)).repeat_interleave(len(prefixes))
     return batch, subject_positions(batch, tokens), owner
+
+
+def essence_rows(tokenizer: Any, requests: Sequence[EditRequest],
+                 prompt: str) -> tuple[TokenBatch, tuple[torch.Tensor, torch.Tensor]]:
+    """Each request's essence prompt (``prompt`` with its subject, e.g. "{} is a"), whose next-token
+    distribution the KL term keeps, left-padded, and the subject's last-token positions in it."""
+    texts = [prompt.format(r.subject.strip()) for r in requests]
+    batch = encode(tokenizer, texts, padding_side="left")
+    return batch, subject_positions(batch, [subject_last_token(tokenizer, t, r.subject) for t, r in zip(texts, requests)])
 
 
 def first_row_of_each(owner: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from torch import nn
 from rledit.methods.base import EditMethod, Factors, StepFeaturesLike, UpdateError, register_method
 from rledit.methods.memit.compute import (
     edit_rows,
+    essence_rows,
     first_row_of_each,
     keys_and_outputs,
     mean_per_edit,
@@ -40,7 +41,7 @@ from rledit.methods.memit.contexts import context_prefixes
 from rledit.methods.memit.stats import KeyStatistics, load_or_compute_statistics
 from rledit.methods.runtime import temporary_store
 from rledit.targets import EditTarget, TargetError, architecture_of, find_blocks
-from rledit.tokens import check_subjects, context_length, encode, subject_last_token, subject_positions
+from rledit.tokens import check_subjects, context_length
 from rledit.types import EditRequest
 
 
@@ -131,10 +132,7 @@ class LocateThenEditMethod(EditMethod):
         block = below[-1]
         edit_batch, edit_subject, owner = edit_rows(tokenizer, requests, self.prefixes, context_length(model))
         first_rows = first_row_of_each(owner)
-        kl_texts = [hp.kl_prompt.format(r.subject.strip()) for r in requests]
-        kl_batch = encode(tokenizer, kl_texts, padding_side="left")
-        kl_subject = subject_positions(
-            kl_batch, [subject_last_token(tokenizer, t, r.subject) for t, r in zip(kl_texts, requests)])
+        kl_batch, kl_subject = essence_rows(tokenizer, requests, hp.kl_prompt)
         values, self.last_trace = optimise_target_values(model, below, edit_batch, edit_subject, kl_batch,
                                                          kl_subject, hp, owner)
         updates: dict[str, Factors] = {}
