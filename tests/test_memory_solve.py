@@ -582,3 +582,43 @@ def test_the_validation_sweep_refuses_a_setting_the_checkpoint_would_ignore(toke
     with pytest.raises(SystemExit, match=r"holds its learned \['memory_init'\]"):
         validation_sweep.main()
     assert not (tmp_path / "sweep").exists()
+
+
+def test_memory_paraphrases_widen_each_remembered_key_by_the_paraphrase_shifts(tokenizer, tmp_path, monkeypatch):
+    """memory_paraphrases γ: the memory term is β(C_mem + γ·n·C_inv), n the keys remembered; the edit-time
+    solve through kept inverses equals the direct one after several steps, and γ 0 is the memory as before."""
+    monkeypatch.setenv("RLEDIT_CACHE", str(tmp_path / "cache"))
+    settings = {"memory_init": 1.0, "invariance_samples": 12, "stats_batch_size": 5, "passes": 2,
+                "refine": "gradient"}
+    plain, wide = _editor(tokenizer, **settings), _editor(tokenizer, memory_paraphrases=0.5, **settings)
+    assert plain.method.paraphrase_moments == {}
+    requests = load_requests("zsre", "train", limit=8)
+    names = [t.name for t in wide.targets]
+    for i in range(3):
+        for editor in (plain, wide):
+            editor.apply(requests[2 * i:2 * i + 2])
+    method = wide.method
+    for name in names:
+        c_inv = method.paraphrase_moments[name]
+        rows = method.memory.rows(name)
+        assert rows == sum(len(keys[name]) for keys in method.memory.steps.values()) > 0
+        beta = float(method.hypernet.memory_weight(name))
+        expected = beta * (method.memory.gram(name) + 0.5 * rows * c_inv)
+        assert torch.allclose(method.penalty(name).detach(), expected, rtol=1e-10)
+        assert c_inv.trace() > 0
+    a, b = wide.store.factors(max(wide.history)), plain.store.factors(max(plain.history))
+    assert not all(torch.allclose(a[n][0] @ a[n][1], b[n][0] @ b[n][1], atol=1e-6) for n in names)  # it acts
+    from rledit.hooks import capture_features
+
+    features = capture_features(wide.model, wide.targets, wide._encode(as_requests(requests[6:])))
+    with torch.no_grad():
+        fast = method.compute_updates(features, wide.targets, update_stats=False)
+    with torch.enable_grad():
+        exact = method.compute_updates(features, wide.targets, update_stats=False)
+    method.memory.discard()
+    for name in names:
+        assert torch.allclose(fast[name][0] @ fast[name][1], (exact[name][0] @ exact[name][1]).detach(),
+                              rtol=1e-4, atol=1e-7)
+    assert method.setup_report()["invariance"]["memory_paraphrases"] == 0.5
+    with pytest.raises(ValueError, match="memory_init"):
+        RLEditHparams(memory_paraphrases=1.0)

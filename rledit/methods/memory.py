@@ -38,6 +38,10 @@ class KeyMemory:
         """C_mem of module ``name`` (fp64, d_in × d_in): the summed Gram matrices of the applied steps' keys."""
         return self.grams[name]
 
+    def rows(self, name: str) -> int:
+        """The number of keys of module ``name`` the memory holds (over every applied step)."""
+        return sum(len(keys[name]) for keys in self.steps.values())
+
     def __len__(self) -> int:
         """The number of applied steps remembered."""
         return len(self.steps)

@@ -209,6 +209,11 @@ class RLEditHparams:
             :func:`rledit.methods.memit.stats.load_or_compute_invariance`), scaled to w times C_0's trace: the
             corpus penalty becomes α(C_0 + w·(tr C_0 / tr C_inv)·C_inv), so each edit is written along directions
             a paraphrase does not move and carries over to it. Needs corpus_init > 0. 0 (default): off.
+        memory_paraphrases: γ ≥ 0: the key memory also holds, around each remembered key, the paraphrase shifts
+            C_inv (``invariance``) of training pairs, as if every old edit had been asked in a cloud of
+            paraphrases: C_mem + γ·n·C_inv, n the keys remembered (C_inv is a mean per key), so a later edit keeps
+            the outputs at the old edits' paraphrases too, not only at their own prompts. Needs memory_init > 0.
+            0 (default): off.
         invariance: the pairs C_inv is estimated on ("zsre-train-rephrases" or "counterfact-train-rephrases",
             the "train" half of the training split); invariance_samples: how many pairs.
         passes: edit passes per step at edit time (rledit.methods.rledit.method, step 5). Pass 1 is the update above; each further
@@ -266,6 +271,7 @@ class RLEditHparams:
     corpus_positions: Literal["all", "answers", "subjects"] = "all"
     corpus_rank: int | None = None
     invariance_weight: float = 0.0
+    memory_paraphrases: float = 0.0
     invariance: str = "zsre-train-rephrases"
     invariance_samples: int = 2000
     passes: int = 1
@@ -319,6 +325,10 @@ class RLEditHparams:
                                               f"{self.invariance_weight}")
         _require(self.invariance_weight == 0 or self.corpus_init > 0,
                  "invariance_weight joins the corpus penalty α(C_0 + w·C_inv): it needs corpus_init > 0")
+        _require(self.memory_paraphrases >= 0, f"memory_paraphrases must be >= 0 (0 turns it off), got "
+                                               f"{self.memory_paraphrases}")
+        _require(self.memory_paraphrases == 0 or self.memory_init > 0,
+                 "memory_paraphrases widens the key memory β C_mem: it needs memory_init > 0")
         _require(self.invariance in PARAPHRASE_SOURCES,
                  f"invariance must be one of {PARAPHRASE_SOURCES}, got {self.invariance!r}")
         for name in ("stats_samples", "stats_max_length", "stats_batch_size", "invariance_samples"):

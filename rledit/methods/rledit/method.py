@@ -68,6 +68,7 @@ class RLEditMethod(EditMethod):
         self.hypernet: HyperNetwork | None = None
         self.memory: KeyMemory | None = None  # keys of the applied steps (memory-aware solve only)
         self.corpus_moments: dict[str, torch.Tensor] = {}  # C_0 per module (corpus_init > 0 only)
+        self.paraphrase_moments: dict[str, torch.Tensor] = {}  # C_inv per module (memory_paraphrases > 0 only)
         self.statistics_report: dict[str, Any] = {}
         self.inverses = PenaltyInverses()  # A⁻¹ per module at edit time (rledit.methods.rledit.solve)
         self.prefixes: list[str] = [""]  # context prefixes of the edit rows ("" = the bare prompt), see prepare()
@@ -105,25 +106,28 @@ class RLEditMethod(EditMethod):
                 "file": str(stats.path), "cached": stats.cached, "n_texts": stats.n_texts, "n_tokens": stats.n_tokens,
                 "compute_seconds": round(stats.compute_seconds, 3), "positions": hp.corpus_positions,
                 "rank": hp.corpus_rank}
-        if getattr(hp, "invariance_weight", 0) > 0:
-            self._add_invariance(model, tokenizer, targets, device)
+        if getattr(hp, "invariance_weight", 0) > 0:  # C_0 ← C_0 + w·(tr C_0 / tr C_inv)·C_inv per module
+            for name, c_inv in self._paraphrase_shifts(model, tokenizer, targets, device).items():
+                c_0 = self.corpus_moments[name]
+                self.corpus_moments[name] = c_0 + hp.invariance_weight * (c_0.trace() / c_inv.trace()) * c_inv
+        if getattr(hp, "memory_paraphrases", 0) > 0 and self.memory is not None:
+            self.paraphrase_moments = self._paraphrase_shifts(model, tokenizer, targets, device)
 
-    def _add_invariance(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget],
-                        device: torch.device) -> None:
-        """C_0 ← C_0 + w·(tr C_0 / tr C_inv)·C_inv per module (``invariance_weight``, RLEditHparams)."""
+    def _paraphrase_shifts(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget],
+                           device: torch.device) -> dict[str, torch.Tensor]:
+        """C_inv per module (fp64 on ``device``): how training paraphrases move the keys, at the positions the
+        edits read (``invariance``, ``invariance_samples``), recorded in the set-up report."""
         from rledit.methods.memit.stats import load_or_compute_invariance
 
         hp = self.hparams
         positions = "subjects" if hp.key_positions == "subject" else "answers"
         shifts = load_or_compute_invariance(model, tokenizer, targets, hp.invariance, hp.invariance_samples,
                                             hp.stats_batch_size, positions)
-        for name, c_inv in shifts.second_moments.items():
-            c_0, c_inv = self.corpus_moments[name], c_inv.to(device, torch.float64)
-            self.corpus_moments[name] = c_0 + hp.invariance_weight * (c_0.trace() / c_inv.trace()) * c_inv
         self.statistics_report["invariance"] = {
             "file": str(shifts.path), "cached": shifts.cached, "source": hp.invariance, "n_pairs": shifts.n_texts,
             "positions": positions, "n_positions": shifts.n_tokens, "compute_seconds": round(shifts.compute_seconds, 3),
-            "weight": hp.invariance_weight}
+            "weight": hp.invariance_weight, "memory_paraphrases": hp.memory_paraphrases}
+        return {name: c_inv.to(device, torch.float64) for name, c_inv in shifts.second_moments.items()}
 
     def setup_report(self) -> dict[str, Any]:
         """Where the corpus statistics C_0 came from and the context prefixes (when the editor uses them)."""
@@ -159,7 +163,11 @@ class RLEditMethod(EditMethod):
         """β C_mem + α C_0 of module ``name`` (differentiable in β, α), or None for the plain solve."""
         net, terms = self.hypernet, []
         if self._uses_memory():
-            terms.append(net.memory_weight(name).to(torch.float64) * self.memory.gram(name))
+            remembered = self.memory.gram(name)
+            if self.paraphrase_moments:  # each remembered key with its cloud of paraphrases
+                remembered = remembered + (self.hparams.memory_paraphrases * self.memory.rows(name)
+                                           * self.paraphrase_moments[name])
+            terms.append(net.memory_weight(name).to(torch.float64) * remembered)
         if self.corpus_moments:
             terms.append(net.corpus_weight(name).to(torch.float64) * self.corpus_moments[name])
         return sum(terms) if terms else None
@@ -225,6 +233,9 @@ class RLEditMethod(EditMethod):
         """The last computed step was applied as ``step_id``: its keys join the memory (and the kept inverses)."""
         if self.memory is not None:
             self.memory.commit(step_id)
+            if self.paraphrase_moments:  # A grew by more than β KᵀK: rebuilt when next needed
+                self.inverses.clear()
+                return
             for name, keys in self.memory.steps[step_id].items():
                 if name in self.inverses.entries:  # (none while training: nothing to do in its inner loop)
                     self.inverses.add_keys(name, self.scalars(name), keys)
