@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rledit
+from rledit.bench import machine_description
 from rledit.checkpoints import read_checkpoint
 from rledit.data import load_requests
 from rledit.editor import Editor, held_overrides
@@ -122,7 +123,7 @@ def main() -> None:
         print(rows[-1], flush=True)
         summary = {"format": "rledit-validation-sweep@1", "command": command_line(), "protocol": protocol, "data_source": args.data,
                    "checkpoint": args.checkpoint, "method": editor.method.name, "layers": sorted({t.layer for t in editor.targets}), "modules": args.modules, "steps": args.steps, "batch": args.batch,
-                   "seed": args.seed, "data": f"{args.data} train, 'metric' half, seeded shuffle", "torch": torch.__version__,
+                   "seed": args.seed, "data": f"{args.data} train, 'metric' half, seeded shuffle", "torch": torch.__version__, "machine": machine_description(),
                    "version": rledit.__version__, "rows": rows}
         write_text_atomically(out / "sweep.json", json.dumps(summary, indent=1) + "\n")
         columns = [*metric_names, *(k for k in ("efficacy_oldest", "efficacy_last") if all(k in r for r in rows))]

@@ -13,6 +13,7 @@ the machine's speed and load.
 from __future__ import annotations
 
 import json
+import platform
 import random
 import resource
 import shutil
@@ -283,6 +284,7 @@ def _results(spec, editor, model_name, stream, result, setup, floors, total) -> 
         "transformers": _version_of("transformers"),
         "peft": _version_of("peft"),
         "threads": torch.get_num_threads(),
+        "machine": machine_description(),
         "started_at": result.started_at,
         "finished_at": result.finished_at,
         "command": command_line(),
@@ -293,6 +295,25 @@ def _results(spec, editor, model_name, stream, result, setup, floors, total) -> 
         out["curve"] = [{"step": p.step, "n_edits": p.n_edits, **headline_metrics(p.metrics)} for p in result.curve]
     out.update(spec.extra)
     return out
+
+
+def machine_description() -> dict[str, Any]:
+    """What a run's arithmetic ran on: the CPU and the instruction set torch's kernels use on it (and the GPUs).
+    The same code, data and seed give float results that differ in the last bits on CPUs whose kernels differ,
+    and a long edit sequence can carry such differences into its figures."""
+    described: dict[str, Any] = {"cpu": _cpu_model() or platform.processor() or platform.machine(),
+                                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if torch.cuda.is_available():
+        described["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return described
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def _version_of(package: str) -> str | None:

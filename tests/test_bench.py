@@ -26,7 +26,7 @@ from rledit.types import EditRequestError
 DATA = Path(__file__).parent / "data"
 FIELDS = {"method", "model", "dataset", "data_file", "steps", "batch", "n_edits", "timing", "protocol", "metrics",
           "unedited", "seconds", "peak_rss_mb", "seed", "version", "command", "metrics_by_protocol", "torch",
-          "transformers", "peft", "started_at", "finished_at"}
+          "transformers", "peft", "machine", "started_at", "finished_at"}
 SECONDS = {"setup", "apply_total", "apply_step_median", "floor_step_median", "eval"}
 
 
@@ -44,6 +44,7 @@ def test_results_have_every_field_and_the_model_is_left_as_it_was(tokenizer, tmp
     assert [p["n_edits"] for p in summary["curve"]] == [2, 4]
     assert len(summary["step_seconds"]) == len(summary["floor_seconds"]) == 2
     assert summary["apply_over_floor"] > 0
+    assert summary["machine"]["cpu"] and summary["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert model_hash(model) == before  # the benchmark's deltas are gone afterwards
     path, records = write_run(tmp_path / "run.json", summary, result)
     assert json.loads(path.read_text())["records_file"] == "run.jsonl"
