@@ -5,9 +5,9 @@
 * :func:`optimise_target_values`: for each request, a residual shift δ added to the output of the last edited
   layer's block at that position is optimised (Adam, all requests at once, each with its own δ and loss) so
   that the model predicts the target: loss = target cross-entropy + kl_factor · KL(p₀ ‖ p) on the essence
-  prompt ("{subject} is a") + v_weight_decay · ||δ||²/||h||², with ||δ|| clamped to clamp_norm_factor · ||h||;
-  each request stops once its target cross-entropy is below early_stop_loss, as in the published per-request
-  loop. The target value is z = h + δ (h: the block output there before the shift). The blocks up to the shifted
+  prompt ("{subject} is a") + v_weight_decay · ||δ|| / ||h||² (the published form), with ||δ|| clamped to
+  clamp_norm_factor · ||h||; each request stops once its loss is below early_stop_loss, and the last of the
+  v_steps iterations only reads the loss, as in the published per-request loop. The target value is z = h + δ (h: the block output there before the shift). The blocks up to the shifted
   one do not depend on δ: their outputs are recorded once and replayed at every optimisation step
   (:func:`recorded_blocks`, :func:`replayed_blocks`), so a step computes only the blocks above it.
 * :func:`keys_and_outputs` reads, in one forward pass, an edited module's inputs and that block's outputs at the
@@ -108,15 +108,15 @@ def optimise_target_values(model: nn.Module, blocks: Sequence[nn.Module], edit_b
                            kl_subject: tuple[torch.Tensor, torch.Tensor], hp: LocateEditHparams,
                            owner: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, list[float]]]:
     """Target values z (B, hidden), fp32, at the output of ``blocks[-1]`` (the last edited layer's block; the
-    blocks before it in ``blocks``: every block below it) for each edit, and the optimisation's trace (``nll``:
-    the mean over edits of each edit's latest target cross-entropy, before each step; ``steps``: the optimiser
-    steps each edit's δ took). See the module docstring.
+    blocks before it in ``blocks``: every block below it) for each edit, and the optimisation's trace (``nll``
+    and ``loss``: the mean over edits of each edit's latest target cross-entropy and whole loss, before each
+    step; ``steps``: the optimiser steps each edit's δ took). See the module docstring.
 
     ``owner[row]`` is the edit each row of ``edit_batch`` belongs to (its prompt after each context prefix,
     the bare prompt first: :func:`edit_rows`); an edit's δ is shared by its rows, its loss is their mean, and
     z = h + δ with h from its first row. None: one row per edit. ``kl_batch`` has one row per edit.
 
-    Each edit stops on its own, as the published per-request loop does: once its cross-entropy is below
+    Each edit stops on its own, as the published per-request loop does: once its loss is below
     ``early_stop_loss`` its δ is kept as it is and its rows leave the batch, so the steps after that cost only
     the edits still being fitted."""
     block = blocks[-1]
@@ -136,43 +136,43 @@ def optimise_target_values(model: nn.Module, blocks: Sequence[nn.Module], edit_b
         h_norm = h.norm(dim=1, keepdim=True).clamp_min(1e-8)
         delta = torch.zeros_like(h, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
-        latest = torch.full((n_edits,), float("nan"))
+        latest = {"nll": torch.full((n_edits,), float("nan")), "loss": torch.full((n_edits,), float("nan"))}
         done = torch.zeros(n_edits, dtype=torch.bool)
         steps = torch.zeros(n_edits, dtype=torch.long)
-        trace: dict[str, list[float]] = {"nll": []}
+        trace: dict[str, list[float]] = {"nll": [], "loss": []}
         with torch.enable_grad():
-            for _ in range(hp.v_steps):
+            for iteration in range(hp.v_steps):
                 active = (~done).nonzero()[:, 0]
+                on = active.to(device)
                 rows, subject, outputs, local = edit_part(edit_batch, edit_subject, edit_outputs, owner, active)
-                with shifted_block(block, *subject, delta[active.to(device)][local.to(device)], seen), \
+                with shifted_block(block, *subject, delta[on][local.to(device)], seen), \
                         replayed_blocks(blocks, outputs):
                     row_nll = per_row_target_nll(answer_logits(model, rows), rows)
                 nll = mean_per_edit(row_nll, local)
-                latest[active] = nll.detach().cpu()
-                trace["nll"].append(float(latest.mean()))
-                finished = latest[active] < hp.early_stop_loss
-                done[active[finished]] = True
-                if bool(done.all()):
-                    break
-                moving = active[~finished]
                 kl_rows, kl_at, kl_outputs_part, _ = edit_part(kl_batch, kl_subject, kl_outputs,
-                                                               torch.arange(n_edits), moving)
-                on = moving.to(device)
+                                                               torch.arange(n_edits), active)
                 with shifted_block(block, *kl_at, delta[on], seen), replayed_blocks(blocks, kl_outputs_part):
                     log_probs = last_token_log_probs(model, kl_rows)
                 reference = kl_reference[on]
                 kl = (reference.exp() * (reference - log_probs)).sum(-1)
-                decay = (delta[on].norm(dim=1) / h_norm[on].squeeze(1)) ** 2
-                loss = (nll[~finished.to(nll.device)] + hp.kl_factor * kl + hp.v_weight_decay * decay).sum()
+                decay = delta[on].norm(dim=1) / h_norm[on].squeeze(1) ** 2
+                loss = nll + hp.kl_factor * kl + hp.v_weight_decay * decay
+                for name, value in (("nll", nll), ("loss", loss)):
+                    latest[name][active] = value.detach().cpu()
+                    trace[name].append(float(latest[name].mean()))
+                finished = latest["loss"][active] < hp.early_stop_loss
+                done[active[finished]] = True
+                if bool(done.all()) or iteration == hp.v_steps - 1:  # the last iteration only reads the loss
+                    break
                 kept = delta.detach().clone()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss[~finished.to(loss.device)].sum().backward()
                 optimizer.step()
                 with torch.no_grad():
                     delta[done.to(device)] = kept[done.to(device)]  # Adam's momentum would move a finished δ
                     limit = hp.clamp_norm_factor * h_norm
                     delta.mul_((limit / delta.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
-                steps[moving] += 1
+                steps[active[~finished]] += 1
     trace["steps"] = steps.tolist()
     return h + delta.detach(), trace
 

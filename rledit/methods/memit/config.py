@@ -40,12 +40,13 @@ class LocateEditHparams:
             1.2 and 1.5 brings it near 0.1. 1.5 lands more of each step (one step of 20 zsRE edits at layers
             24-27: efficacy 79% instead of under 50%) but drives a long sequence into collapse (after 1,000
             edits efficacy 1% and locality 4%; benchmarks/results/tuning), so the default is 0.5.
-        v_weight_decay: weight of ||δ||² / ||h||² in δ's loss (h: the residual at the subject's last token).
+        v_weight_decay: weight of ||δ|| / ||h||² in δ's loss (h: the residual at the subject's last token; the
+            published form, the norm over the squared norm).
         clamp_norm_factor: after every step ||δ|| is clamped to this times ||h||.
         kl_factor: weight of the KL term that keeps the prediction after ``kl_prompt`` (the subject's
             "essence") unchanged while δ is optimised.
         kl_prompt: the essence prompt, ``{}`` standing for the subject.
-        early_stop_loss: δ's optimisation stops once every edit's target cross-entropy is below this.
+        early_stop_loss: an edit's δ stops once its loss (cross-entropy + KL + decay) is below this.
         context_lengths: the context prefixes (:mod:`rledit.methods.memit.contexts`): ``[tokens, count]``
             pairs, each asking for ``count`` texts of ``tokens`` tokens sampled from the model. Every edit's key
             is averaged over its bare prompt and the prompt after each prefix, and δ is optimised on all of
