@@ -3,7 +3,8 @@ newest edits of a long run are as good as the newest of a short one.
 
 Reads the per-request records (``*.jsonl``) that ``rledit bench`` writes beside each results file, groups the
 edited requests by the step they were applied at (blocks of ``--block`` steps) at every evaluation point of the
-run (``after_steps``; a ``--timing curve`` run has several), and writes the mean of each metric per block:
+run (``after_steps``; a ``--timing curve`` run has several; a ``--timing immediate`` run scores each step as it
+is applied, shown as "its own" step), and writes the mean of each metric per block:
 JSON + markdown, and a plot of generalization (or ``--metric``) against the step the edit was made at, one line
 per run and evaluation point. Nothing is recomputed: the figures are the benchmark's own per-request scores.
 
@@ -23,26 +24,31 @@ from typing import Any
 from rledit.files import command_line, save_figure, write_text_atomically
 
 METRICS = ("efficacy", "generalization", "locality", "relation_locality")
+AS_APPLIED = 0  # the evaluation point of edits scored right after their own step (``--timing immediate``)
 
 
 def block_means(path: Path, protocol: str, block: int) -> list[dict[str, Any]]:
-    """One row per (evaluation point, block of steps): the mean of each metric over the edits of that block."""
-    groups: dict[tuple[int, int], list[dict[str, float]]] = defaultdict(list)
-    seen_protocols = set()
+    """One row per (evaluation point, block of steps): the mean of each metric over the edits of that block. A run
+    that scored every step as it was applied (``--timing immediate``) has one evaluation point, ``AS_APPLIED``."""
     with path.open() as f:
-        for line in f:
-            record = json.loads(line)
-            seen_protocols.add(record["protocol"])
-            if record["protocol"] != protocol or not record.get("after_steps"):
-                continue  # after_steps 0: the unedited model's scores
-            groups[(record["after_steps"], (record["step"] - 1) // block)].append(record["scores"])
-    if not groups:
-        raise SystemExit(f"{path}: no edited records under protocol {protocol!r} (it has {sorted(seen_protocols)})")
+        records = [json.loads(line) for line in f]
+    edited = [r for r in records if r["protocol"] == protocol and r.get("after_steps")]  # 0: the unedited model
+    if not edited:
+        raise SystemExit(f"{path}: no edited records under protocol {protocol!r} "
+                         f"(it has {sorted({r['protocol'] for r in records})})")
+    immediate = len({r["after_steps"] for r in edited}) > 1 and all(r["after_steps"] == r["step"] for r in edited)
+    groups: dict[tuple[int, int], list[dict[str, float]]] = defaultdict(list)
+    for r in edited:
+        groups[(AS_APPLIED if immediate else r["after_steps"], (r["step"] - 1) // block)].append(r["scores"])
     rows = []
     for (after, index), scores in sorted(groups.items()):
-        metrics = [m for m in METRICS if m in scores[0]]
+        means = {}
+        for metric in METRICS:  # over the edits that have the metric (a record may lack a same-relation prompt)
+            values = [s[metric] for s in scores if s.get(metric) is not None]
+            if values:
+                means[metric] = round(sum(values) / len(values), 2)
         rows.append({"after_steps": after, "steps": [index * block + 1, (index + 1) * block], "edits": len(scores),
-                     **{m: round(sum(s[m] for s in scores) / len(scores), 2) for m in metrics}})
+                     **means})
     return rows
 
 
@@ -50,11 +56,11 @@ def markdown(runs: dict[str, list[dict[str, Any]]], protocol: str, command: str)
     lines = [f"Scores by the step an edit was made at (`{protocol}`, the benchmark's per-request scores)", "",
              f"Command: `{command}`", ""]
     for name, rows in runs.items():
-        metrics = [m for m in METRICS if m in rows[0]]
+        metrics = [m for m in METRICS if any(m in r for r in rows)]
         lines += [f"### {name}", "", "| scored after step | edits of steps | edits | " + " | ".join(metrics) + " |",
                   "|---:|---|---:|" + "---:|" * len(metrics)]
-        lines += [f"| {r['after_steps']} | {r['steps'][0]}-{r['steps'][1]} | {r['edits']} | "
-                  + " | ".join(f"{r[m]:.1f}" for m in metrics) + " |" for r in rows]
+        lines += [f"| {r['after_steps'] or 'its own'} | {r['steps'][0]}-{r['steps'][1]} | {r['edits']} | "
+                  + " | ".join(f"{r[m]:.1f}" if m in r else "" for m in metrics) + " |" for r in rows]
         lines.append("")
     return "\n".join(lines)
 
@@ -71,7 +77,8 @@ def plot(runs: dict[str, list[dict[str, Any]]], metric: str, path: Path) -> Path
         for after in sorted({r["after_steps"] for r in rows}):
             points = [(sum(r["steps"]) / 2, r[metric]) for r in rows if r["after_steps"] == after and metric in r]
             if points:
-                ax.plot(*zip(*points), marker="o", label=f"{name}, after step {after}")
+                when = "as applied" if after == AS_APPLIED else f"after step {after}"
+                ax.plot(*zip(*points), marker="o", label=f"{name}, {when}")
     ax.set_xlabel("step the edit was made at")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)

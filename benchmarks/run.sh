@@ -420,3 +420,53 @@ done
 .venv/bin/python benchmarks/validation_sweep.py --data counterfact --checkpoint $SPLIT_RULE --steps 50 \
   --setting '{"invariance_weight": 0.3, "invariance": "counterfact-train-rephrases", "passes": 9, "pass_positions": ["subject", "subject", "subject", "subject", "subject", "subject", "subject", "subject"], "scale": {"lr": 0.773}}' \
   --out runs/repro-cf-invariance-nine
+# Experiment log 43 (benchmarks/results/README.md, edit-age/README.md): where generalization is lost in the shipped
+# zsRE editor's 1,000-edit run -- each step scored as it is applied, the run's last 200 edits alone, two more
+# 200-edit streams -- and the key memory widened by paraphrase shifts (memory_paraphrases) on the validation stream
+E=benchmarks/results/edit-age
+ONE=(--model smollm2-135m --split eval --seed 0 --data zsre --batch 20 --methods rledit:smollm2-135m-zsre)
+.venv/bin/rledit bench "${ONE[@]}" --steps 50 --timing immediate --protocols zsre-token-acc@2 \
+  --label "smollm2-135m-zsre, each step scored as it is applied" --out runs/immediate
+python3 -c "
+import json
+rows = [json.loads(line) for line in open('benchmarks/results/zsre-50x20-v2/rledit_smollm2-135m-zsre.jsonl')]
+late = sorted((r for r in rows if r['protocol'] == 'zsre-token-acc@2' and r['after_steps'] == 50 and r['step'] > 40),
+              key=lambda r: r['index'])
+json.dump([r['texts'] for r in late], open('runs/zsre-eval-steps41-50.json', 'w'))"
+.venv/bin/rledit bench --model smollm2-135m --seed 0 --data runs/zsre-eval-steps41-50.json --steps 10 --batch 20 \
+  --timing end --protocols zsre-token-acc@2 --methods rledit:smollm2-135m-zsre \
+  --label "smollm2-135m-zsre, the 1,000-edit stream's last 200 edits alone" --out runs/late200
+for s in 1 2; do
+  .venv/bin/rledit bench --model smollm2-135m --split eval --seed $s --data zsre --steps 10 --batch 20 --timing end \
+    --protocols zsre-token-acc@2 zsre-token-acc@1 --methods rledit:smollm2-135m-zsre --label "smollm2-135m-zsre seed $s" \
+    --out runs/seed$s-10x20
+  cp runs/seed$s-10x20/*.json runs/seed$s-10x20/*.jsonl $E/seed$s-10x20/
+done
+cp runs/immediate/*.json runs/immediate/*.jsonl $E/immediate-50x20/
+cp runs/late200/*.json runs/late200/*.jsonl $E/last-200-alone/ && cp runs/zsre-eval-steps41-50.json $E/last-200-alone/records.json
+.venv/bin/python benchmarks/edit_age.py --block 10 --names "--timing immediate" "--timing end" \
+  --runs $E/immediate-50x20/smollm2-135m-zsre__each_step_scored_as_it_is_applied.jsonl \
+  benchmarks/results/zsre-50x20-v2/rledit_smollm2-135m-zsre.jsonl --out $E
+for g in 1 10; do
+  .venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint rledit/editors/smollm2-135m-zsre --steps 50 \
+    --setting "{\"memory_paraphrases\": $g.0}" --out runs/sweep-mempara$g
+  cp runs/sweep-mempara$g/sweep.json benchmarks/results/sweeps/invariance/sweep-zsre-upper8-memory-paraphrases$g.json
+  cp runs/sweep-mempara$g/sweep.md benchmarks/results/sweeps/invariance/sweep-zsre-upper8-memory-paraphrases$g.md
+done
+# ... and the CounterFact editor's 1,000-edit row on this machine: as committed, with its statistics recomputed, and
+# with the code of the commit that made the committed row (a worktree of 6b55a5a on PYTHONPATH)
+CFR=(--model smollm2-135m --split eval --seed 0 --timing end --data counterfact --steps 50 --batch 20 --protocols cf-prob@1
+     --methods rledit:smollm2-135m-counterfact)
+.venv/bin/rledit bench "${CFR[@]}" --label "smollm2-135m-counterfact (rerun)" --out runs/cf-rerun
+RLEDIT_CACHE=/tmp/scratch-cache .venv/bin/rledit bench "${CFR[@]}" --label "smollm2-135m-counterfact (statistics recomputed)" \
+  --out runs/cf-rerun-stats2  # /tmp/scratch-cache/models -> ~/.cache/rledit/models; stats/ starts empty
+git worktree add -f /tmp/wt 6b55a5a && (cd /tmp/wt && PYTHONPATH=/tmp/wt "$OLDPWD/.venv/bin/python" -c \
+  "import sys; from rledit.cli import main; sys.argv = ['rledit'] + sys.argv[1:]; main()" bench "${CFR[@]}" \
+  --label "smollm2-135m-counterfact (code of 6b55a5a)" --out "$OLDPWD/runs/cf-at-6b55a5a")
+cp runs/cf-rerun/*.json* runs/cf-rerun-stats2/*.json* runs/cf-at-6b55a5a/*.json* benchmarks/results/reproduce-counterfact-50x20/
+.venv/bin/rledit bench-report benchmarks/results/reproduce-counterfact-50x20
+# ... and a weaker key memory on the shipped zsRE rule (validation stream)
+.venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint rledit/editors/smollm2-135m-zsre --steps 50 \
+  --setting '{"scale": {"beta": 0.5}}' --out runs/sweep-beta05
+cp runs/sweep-beta05/sweep.json benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8-alpha2-beta05.json
+cp runs/sweep-beta05/sweep.md benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8-alpha2-beta05.md
