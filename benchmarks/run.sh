@@ -470,3 +470,14 @@ cp runs/cf-rerun/*.json* runs/cf-rerun-stats2/*.json* runs/cf-at-6b55a5a/*.json*
   --setting '{"scale": {"beta": 0.5}}' --out runs/sweep-beta05
 cp runs/sweep-beta05/sweep.json benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8-alpha2-beta05.json
 cp runs/sweep-beta05/sweep.md benchmarks/results/sweeps/layers-trained/sweep-zsre-upper8-alpha2-beta05.md
+# MEMIT and AlphaEdit with the published settings (context prefixes, the 5 % energy null space, the published
+# target-value loop) at 1,000 zsRE edits; each saves its progress every 10 minutes: rerun with --resume to continue
+FAITHFUL_1000=(--model smollm2-135m --split eval --layers 18 19 20 21 --seed 0 --timing end --data zsre --steps 50
+               --batch 20 --protocols zsre-token-acc@2 zsre-token-acc@1 --save-every 10)
+.venv/bin/rledit bench "${FAITHFUL_1000[@]}" --methods alphaedit \
+  --label "alphaedit (published settings: five context prefixes, null space at 5 % of the energy)" --out runs/faithful-zsre-50x20
+.venv/bin/rledit bench "${FAITHFUL_1000[@]}" --methods memit --label "memit (published settings: five context prefixes)" \
+  --out runs/faithful-zsre-50x20-memit
+mkdir -p benchmarks/results/zsre-50x20-faithful
+cp runs/faithful-zsre-50x20/*.json* runs/faithful-zsre-50x20-memit/*.json* benchmarks/results/zsre-50x20-faithful/
+.venv/bin/rledit bench-report benchmarks/results/zsre-50x20-faithful
