@@ -251,6 +251,22 @@ def test_kept_inverses_follow_the_memory_and_give_the_factored_solve():
     assert inverses.entries == {} and inverses.nbytes() == 0
 
 
+def _assert_kept_inverses_give_the_direct_solve(editor, requests):
+    """The next step's update through the kept inverses of A (edit time, no gradients) is the direct solve's."""
+    from rledit.hooks import capture_features
+
+    method = editor.method
+    features = capture_features(editor.model, editor.targets, editor._encode(as_requests(requests)))
+    with torch.no_grad():
+        fast = method.compute_updates(features, editor.targets, update_stats=False)
+    with torch.enable_grad():
+        exact = method.compute_updates(features, editor.targets, update_stats=False)
+    method.memory.discard()
+    for name in fast:
+        assert torch.allclose(fast[name][0] @ fast[name][1], (exact[name][0] @ exact[name][1]).detach(),
+                              rtol=1e-4, atol=1e-7)
+
+
 def test_edit_time_solve_through_kept_inverses_equals_the_factorised_solve(tokenizer):
     editor = _editor(tokenizer, memory_init=1.0, passes=2, refine="gradient")
     requests = load_requests("zsre", "train", limit=8)
@@ -260,17 +276,7 @@ def test_edit_time_solve_through_kept_inverses_equals_the_factorised_solve(token
     assert set(method.inverses.entries) == set(names)  # built once, then updated at every commit
     for name in names:
         assert torch.allclose(method.inverses.entries[name][1], torch.linalg.inv(method.system(name)), atol=1e-8)
-    from rledit.hooks import capture_features
-
-    features = capture_features(editor.model, editor.targets, editor._encode(as_requests(requests[6:])))
-    with torch.no_grad():
-        fast = method.compute_updates(features, editor.targets, update_stats=False)
-    with torch.enable_grad():
-        exact = method.compute_updates(features, editor.targets, update_stats=False)
-    method.memory.discard()
-    for name in names:
-        assert torch.allclose(fast[name][0] @ fast[name][1], (exact[name][0] @ exact[name][1]).detach(),
-                              rtol=1e-4, atol=1e-7)
+    _assert_kept_inverses_give_the_direct_solve(editor, requests[6:])
     editor.revert(sorted(editor.history)[1])
     assert method.inverses.entries == {}  # a revert drops them; the next step rebuilds from the memory
 
@@ -608,17 +614,7 @@ def test_memory_paraphrases_widen_each_remembered_key_by_the_paraphrase_shifts(t
         assert c_inv.trace() > 0
     a, b = wide.store.factors(max(wide.history)), plain.store.factors(max(plain.history))
     assert not all(torch.allclose(a[n][0] @ a[n][1], b[n][0] @ b[n][1], atol=1e-6) for n in names)  # it acts
-    from rledit.hooks import capture_features
-
-    features = capture_features(wide.model, wide.targets, wide._encode(as_requests(requests[6:])))
-    with torch.no_grad():
-        fast = method.compute_updates(features, wide.targets, update_stats=False)
-    with torch.enable_grad():
-        exact = method.compute_updates(features, wide.targets, update_stats=False)
-    method.memory.discard()
-    for name in names:
-        assert torch.allclose(fast[name][0] @ fast[name][1], (exact[name][0] @ exact[name][1]).detach(),
-                              rtol=1e-4, atol=1e-7)
+    _assert_kept_inverses_give_the_direct_solve(wide, requests[6:])
     assert method.setup_report()["invariance"]["memory_paraphrases"] == 0.5
     with pytest.raises(ValueError, match="memory_init"):
         RLEditHparams(memory_paraphrases=1.0)
