@@ -7,9 +7,10 @@
   that the model predicts the target: loss = target cross-entropy + kl_factor · KL(p₀ ‖ p) on the essence
   prompt ("{subject} is a") + v_weight_decay · ||δ|| / ||h||² (the published form), with ||δ|| clamped to
   clamp_norm_factor · ||h||; each request stops once its loss is below early_stop_loss, and the last of the
-  v_steps iterations only reads the loss, as in the published per-request loop. The target value is z = h + δ (h: the block output there before the shift). The blocks up to the shifted
-  one do not depend on δ: their outputs are recorded once and replayed at every optimisation step
-  (:func:`recorded_blocks`, :func:`replayed_blocks`), so a step computes only the blocks above it.
+  v_steps iterations only reads the loss, as in the published per-request loop. The target value is
+  z = h + δ (h: the block output there before the shift). The blocks up to the shifted one do not depend on δ:
+  their outputs are recorded once and replayed at every optimisation step (:func:`recorded_blocks`,
+  :func:`replayed_blocks`), so a step computes only the blocks above it.
 * :func:`keys_and_outputs` reads, in one forward pass, an edited module's inputs and that block's outputs at the
   subject positions (the caller adds earlier layers' pending updates).
 """
