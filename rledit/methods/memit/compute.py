@@ -219,7 +219,8 @@ def essence_rows(tokenizer: Any, requests: Sequence[EditRequest],
     distribution the KL term keeps, left-padded, and the subject's last-token positions in it."""
     texts = [prompt.format(r.subject.strip()) for r in requests]
     batch = encode(tokenizer, texts, padding_side="left")
-    return batch, subject_positions(batch, [subject_last_token(tokenizer, t, r.subject) for t, r in zip(texts, requests)])
+    ends = [subject_last_token(tokenizer, text, r.subject) for text, r in zip(texts, requests)]
+    return batch, subject_positions(batch, ends)
 
 
 def first_row_of_each(owner: torch.Tensor) -> torch.Tensor:
