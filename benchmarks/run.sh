@@ -481,3 +481,14 @@ FAITHFUL_1000=(--model smollm2-135m --split eval --layers 18 19 20 21 --seed 0 -
 mkdir -p benchmarks/results/zsre-50x20-faithful
 cp runs/faithful-zsre-50x20/*.json* runs/faithful-zsre-50x20-memit/*.json* benchmarks/results/zsre-50x20-faithful/
 .venv/bin/rledit bench-report benchmarks/results/zsre-50x20-faithful
+# Experiment log 44: the eight-layer networks alone -- RL, untrained (the RL network's mean scalars), MALMEN-style --
+# each with the shipped rule's scalars and one pass, on the validation stream
+.venv/bin/python benchmarks/retune_scalars.py --layers 20 21 22 23 24 25 26 27 --modules gate_proj up_proj \
+  --setting '{"lr_init": 0.025, "lambda_init": -2.49, "memory_init": 1.0, "corpus_init": 1200.0, "corpus": "zsre-train-questions", "stats_samples": 4000, "passes": 6, "refine": "gradient"}' \
+  --chosen-on benchmarks/results/sweeps/layers-trained --out runs/zsre-upper8-untrained
+for pair in rledit/editors/smollm2-135m-zsre:rl runs/zsre-upper8-untrained:untrained rledit/editors/smollm2-135m-zsre-malmen:malmen; do
+  .venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint "${pair%:*}" --steps 50 \
+    --setting '{"passes": 1}' --out "runs/sweep-onepass-${pair##*:}"
+  cp "runs/sweep-onepass-${pair##*:}/sweep.json" "benchmarks/results/sweeps/one-pass/sweep-zsre-upper8-${pair##*:}.json"
+  cp "runs/sweep-onepass-${pair##*:}/sweep.md" "benchmarks/results/sweeps/one-pass/sweep-zsre-upper8-${pair##*:}.md"
+done
