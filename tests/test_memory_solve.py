@@ -608,7 +608,7 @@ def test_memory_paraphrases_widen_each_remembered_key_by_the_paraphrase_shifts(t
         c_inv = method.paraphrase_moments[name]
         rows = method.memory.rows(name)
         assert rows == sum(len(keys[name]) for keys in method.memory.steps.values()) > 0
-        beta = float(method.hypernet.memory_weight(name))
+        beta = float(method.hypernet.memory_weight(name).detach())
         expected = beta * (method.memory.gram(name) + 0.5 * rows * c_inv)
         assert torch.allclose(method.penalty(name).detach(), expected, rtol=1e-10)
         assert c_inv.trace() > 0
