@@ -142,16 +142,18 @@ def optimise_target_values(model: nn.Module, blocks: Sequence[nn.Module], edit_b
         steps = torch.zeros(n_edits, dtype=torch.long)
         trace: dict[str, list[float]] = {"nll": [], "loss": []}
         with torch.enable_grad():
+            active = None
             for iteration in range(hp.v_steps):
-                active = (~done).nonzero()[:, 0]
-                on = active.to(device)
-                rows, subject, outputs, local = edit_part(edit_batch, edit_subject, edit_outputs, owner, active)
+                if active is None or len(active) != int((~done).sum()):  # cut again only when edits stopped
+                    active = (~done).nonzero()[:, 0]
+                    on = active.to(device)
+                    rows, subject, outputs, local = edit_part(edit_batch, edit_subject, edit_outputs, owner, active)
+                    kl_rows, kl_at, kl_outputs_part, _ = edit_part(kl_batch, kl_subject, kl_outputs,
+                                                                   torch.arange(n_edits), active)
                 with shifted_block(block, *subject, delta[on][local.to(device)], seen), \
                         replayed_blocks(blocks, outputs):
                     row_nll = per_row_target_nll(answer_logits(model, rows), rows)
                 nll = mean_per_edit(row_nll, local)
-                kl_rows, kl_at, kl_outputs_part, _ = edit_part(kl_batch, kl_subject, kl_outputs,
-                                                               torch.arange(n_edits), active)
                 with shifted_block(block, *kl_at, delta[on], seen), replayed_blocks(blocks, kl_outputs_part):
                     log_probs = last_token_log_probs(model, kl_rows)
                 reference = kl_reference[on]
