@@ -147,7 +147,8 @@ def optimise_target_values(model: nn.Module, blocks: Sequence[nn.Module], edit_b
                 if active is None or len(active) != int((~done).sum()):  # cut again only when edits stopped
                     active = (~done).nonzero()[:, 0]
                     on = active.to(device)
-                    rows, subject, outputs, local = edit_part(edit_batch, edit_subject, edit_outputs, owner, active)
+                    rows, subject, outputs, local = edit_part(edit_batch, edit_subject, edit_outputs, owner,
+                                                              active)
                     kl_rows, kl_at, kl_outputs_part, _ = edit_part(kl_batch, kl_subject, kl_outputs,
                                                                    torch.arange(n_edits), active)
                 with shifted_block(block, *subject, delta[on][local.to(device)], seen), \
