@@ -492,3 +492,8 @@ for pair in rledit/editors/smollm2-135m-zsre:rl runs/zsre-upper8-untrained:untra
   cp "runs/sweep-onepass-${pair##*:}/sweep.json" "benchmarks/results/sweeps/one-pass/sweep-zsre-upper8-${pair##*:}.json"
   cp "runs/sweep-onepass-${pair##*:}/sweep.md" "benchmarks/results/sweeps/one-pass/sweep-zsre-upper8-${pair##*:}.md"
 done
+# ... to continue them from the progress committed under zsre-50x20-faithful/progress/ (on a machine without it in runs/):
+#   for d in faithful-zsre-50x20 faithful-zsre-50x20-memit; do mkdir -p runs/$d; done
+#   cp -r benchmarks/results/zsre-50x20-faithful/progress/alphaedit__*.partial runs/faithful-zsre-50x20/
+#   cp -r benchmarks/results/zsre-50x20-faithful/progress/memit__*.partial runs/faithful-zsre-50x20-memit/
+# then the two bench lines above with --resume added.
