@@ -102,7 +102,7 @@ LAYERS = [1, 2]
 def _editor(tokenizer, **hparams):
     torch.manual_seed(0)
     return Editor.from_pretrained(tiny_model("llama"), tokenizer=tokenizer, layers=LAYERS,
-                                  hparams=RLEditHparams(rank=8, lr_init=30.0, **hparams))
+                                  hparams=RLEditHparams(**{"rank": 8, "lr_init": 30.0, **hparams}))
 
 
 def test_editor_memory_follows_apply_revert_save_and_load(tokenizer, tmp_path, monkeypatch):
@@ -618,3 +618,36 @@ def test_memory_paraphrases_widen_each_remembered_key_by_the_paraphrase_shifts(t
     assert method.setup_report()["invariance"]["memory_paraphrases"] == 0.5
     with pytest.raises(ValueError, match="memory_init"):
         RLEditHparams(memory_paraphrases=1.0)
+
+
+def test_rehearsal_pulls_earlier_edits_back_and_follows_apply_revert_save_and_load(tokenizer, tmp_path):
+    from test_methods_editor import target_nll
+
+    requests = load_requests("zsre", "train", limit=8)
+    old = [{"prompt": r.prompt, "target_new": r.target_new} for r in requests[:4]]
+    lost = {}
+    for rehearsal in (0, 4):
+        editor = _editor(tokenizer, memory_init=1.0, passes=3, refine="gradient", lr_init=3.0, rehearsal=rehearsal)
+        first = editor.apply(requests[:4])
+        second = editor.apply(requests[4:8])
+        lost[rehearsal] = float(target_nll(editor.model, tokenizer, old).sum())
+    assert lost[4] < lost[0]  # the second step's later passes pulled the first step's edits back toward their targets
+
+    method = editor.method
+    with torch.no_grad():  # (edit time)
+        drawn = method.rehearsed()
+    assert len(drawn) == 4 and {r.prompt for r in drawn} <= {r.prompt for r in requests}
+    assert sorted(method.applied_requests) == [first.id, second.id]
+    assert method.applied_requests[first.id] == list(requests[:4])
+    editor.save(tmp_path / "edited")
+    loaded = Editor.load(tmp_path / "edited", model=tiny_model("llama"), tokenizer=tokenizer)
+    assert {k: [(r.prompt, r.target_new, r.subject) for r in v] for k, v in loaded.method.applied_requests.items()} == {
+        k: [(r.prompt, r.target_new, r.subject) for r in v] for k, v in method.applied_requests.items()}
+    with torch.no_grad():
+        assert [r.prompt for r in loaded.method.rehearsed()] == [r.prompt for r in drawn]
+    editor.revert(second.id)
+    assert sorted(method.applied_requests) == [first.id]
+    with pytest.raises(ValueError, match="needs passes > 1"):
+        RLEditHparams(rehearsal=4)
+    with pytest.raises(ValueError, match="rehearsal must be >= 0"):
+        RLEditHparams(rehearsal=-1, passes=2)

@@ -250,6 +250,12 @@ class RLEditHparams:
             whose outputs must not move, weighted by ``contrast_weight``: A grows by w·K_cᵀK_c for the step's
             passes. 0 (default): none. Every edit's subject must occur in its prompt.
         contrast_weight: w, the weight of a contrast row against an edit row (1: as much as keeping it).
+        rehearsal: at edit time, the passes after the first also read this many earlier edits (drawn without
+            replacement from every applied step's requests, once per step, by a generator seeded with the number
+            of steps applied) as extra rows: each pulls its edit back toward its own target by as much as it has
+            lost since it was written (an edit that still holds has a near-zero gradient and moves nothing), so
+            every step also repairs what the steps since an old edit took from it. Their keys do not join the key
+            memory. Needs passes > 1. 0 (default): off.
         device: where the hypernetwork, its key memory and C_0 live and the solve runs, e.g. ``cuda:0``
             (None: the device of the model's first parameter). Features come to it from each edited module's
             device and the factors go back to that module's device, so a model placed across devices with a
@@ -284,6 +290,7 @@ class RLEditHparams:
     context_top_k: int = 5
     contrast_subjects: int = 0
     contrast_weight: float = 1.0
+    rehearsal: int = 0
     device: str | None = None
     train: TrainHparams = field(default_factory=TrainHparams)
 
@@ -316,6 +323,9 @@ class RLEditHparams:
         check_context_lengths(self.context_lengths)
         _require(self.context_top_k >= 1, f"context_top_k must be >= 1, got {self.context_top_k}")
         _require(self.contrast_subjects >= 0, f"contrast_subjects must be >= 0, got {self.contrast_subjects}")
+        _require(self.rehearsal >= 0, f"rehearsal must be >= 0 (0 turns it off), got {self.rehearsal}")
+        _require(self.rehearsal == 0 or self.passes > 1,
+                 "rehearsal adds earlier edits to the passes after the first: it needs passes > 1")
         _require(self.contrast_weight > 0, f"contrast_weight must be > 0, got {self.contrast_weight}")
         _require(self.corpus_positions in CORPUS_POSITIONS,
                  f"corpus_positions must be one of {CORPUS_POSITIONS}, got {self.corpus_positions!r}")

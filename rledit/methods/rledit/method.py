@@ -21,6 +21,8 @@ a small e^λ is badly conditioned for fp32.
 
 from __future__ import annotations
 
+import json
+import random
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
@@ -49,6 +51,7 @@ from rledit.tokens import TokenBatch, check_subjects, context_length, encode_aft
 from rledit.types import EditRequest
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (U, V) of one module's update, ΔW = U V
+REHEARSAL_KEY = "rehearsal/requests"  # the applied steps' requests in a saved state (``rehearsal`` > 0 only)
 
 
 @register_method("rledit")
@@ -75,6 +78,8 @@ class RLEditMethod(EditMethod):
         self.lower_hidden: TokenBatch | None = None  # what capture() left for this step's later passes
         self.contrast_keys: dict[str, torch.Tensor] = {}  # this step's contrast rows' keys (contrast_subjects)
         self.contrast_inverses: dict[str, torch.Tensor] = {}  # (A + w K_cᵀK_c)⁻¹ of this step, per module
+        self.applied_requests: dict[int, list[EditRequest]] = {}  # step id -> its requests (rehearsal only)
+        self.staged_requests: list[EditRequest] | None = None
 
     def prepare(self, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget]) -> None:
         """Build the hypernetwork for ``targets`` (or check that the loaded one fits them) on the model's
@@ -230,7 +235,10 @@ class RLEditMethod(EditMethod):
 
     # the editor tells the method which computed steps were applied and reverted (key memory bookkeeping)
     def step_applied(self, step_id: int) -> None:
-        """The last computed step was applied as ``step_id``: its keys join the memory (and the kept inverses)."""
+        """The last computed step was applied as ``step_id``: its keys join the memory (and the kept inverses),
+        its requests the edits later steps rehearse."""
+        if self.staged_requests is not None:
+            self.applied_requests[step_id], self.staged_requests = self.staged_requests, None
         if self.memory is not None:
             self.memory.commit(step_id)
             if self.paraphrase_moments:  # A grew by more than β KᵀK: rebuilt when next needed
@@ -241,13 +249,15 @@ class RLEditMethod(EditMethod):
                     self.inverses.add_keys(name, self.scalars(name), keys)
 
     def step_reverted(self, step_id: int) -> None:
-        """Step ``step_id`` was reverted: its keys leave the memory."""
+        """Step ``step_id`` was reverted: its keys leave the memory, its requests the rehearsed ones."""
+        self.applied_requests.pop(step_id, None)
         if self.memory is not None:
             self.memory.revert(step_id)
             self.inverses.clear()
 
     def steps_cleared(self) -> None:
         """Every step was removed (a new training episode): the memory is emptied."""
+        self.applied_requests, self.staged_requests = {}, None
         if self.memory is not None:
             self.memory.reset()
             self.inverses.clear()
@@ -305,6 +315,8 @@ class RLEditMethod(EditMethod):
         features, then :meth:`later_passes`. The layers below the lowest edited one do not change between
         passes: they run once, and each later pass runs only the layers from the edited ones up
         (:class:`rledit.prefix.Prefix`, where the architecture allows)."""
+        if getattr(self.hparams, "rehearsal", 0) > 0:  # MEND (a subclass) has no such setting
+            self.staged_requests = list(requests)
         contrast = self.contrast_requests(requests) if not torch.is_grad_enabled() else []
         if contrast:
             batch = self.marked(tokenizer, contrast, self.plain_batch(tokenizer, contrast, context_length(model)))
@@ -313,14 +325,24 @@ class RLEditMethod(EditMethod):
             updates = super().compute_step(model, tokenizer, targets, requests, features)
             if getattr(self.hparams, "passes", 1) == 1:  # MEND (a subclass) has one pass
                 return updates
-            plain = self.plain_batch(tokenizer, requests, context_length(model))
+            rows = list(requests) + self.rehearsed()
+            plain = self.plain_batch(tokenizer, rows, context_length(model))
             prefix = Prefix.for_targets(model, targets)  # the layers below the edited ones: once for all passes
             if prefix is not None:
                 plain = self.captured_prefix(plain) or prefix.attach(plain)
             with prefix.skipped() if prefix is not None else nullcontext():
-                return self.later_passes(model, targets, self.pass_batches(tokenizer, requests, plain), updates)
+                return self.later_passes(model, targets, self.pass_batches(tokenizer, rows, plain), updates)
         finally:
             self.contrast_keys, self.contrast_inverses = {}, {}
+
+    def rehearsed(self) -> list[EditRequest]:
+        """``rehearsal`` earlier edits for this step's later passes (see :class:`RLEditHparams`): drawn without
+        replacement from the applied steps' requests in step order, the same ones for the same applied steps."""
+        count = getattr(self.hparams, "rehearsal", 0)
+        if count <= 0 or torch.is_grad_enabled():
+            return []
+        earlier = [request for step_id in sorted(self.applied_requests) for request in self.applied_requests[step_id]]
+        return random.Random(len(self.applied_requests)).sample(earlier, min(count, len(earlier)))
 
     def contrast_requests(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
         """Each edit's prompt with the subjects of the step's next ``contrast_subjects`` edits (in turn) in its
@@ -413,6 +435,8 @@ class RLEditMethod(EditMethod):
         if self.hypernet is None:
             return {}
         state = {k: v.detach() for k, v in self.hypernet.state_dict().items()}
+        if self.applied_requests:
+            state[REHEARSAL_KEY] = _encoded(self.applied_requests)
         return state | (self.memory.state_dict() if self.memory is not None else {})
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -422,6 +446,8 @@ class RLEditMethod(EditMethod):
         if self.hypernet is None:
             raise UpdateError(f"{self.name}: call prepare(model, tokenizer, targets) before loading a state")
         state, memory_state = split_memory_state(state)
+        state = dict(state)
+        rehearsal = state.pop(REHEARSAL_KEY, None)
         own = self.hypernet.state_dict()
         state = {k: own[k] for k in ("memory_log", "corpus_log") if k in own and k not in state} | state
         wrong = sorted(k for k in own.keys() | state.keys()
@@ -441,6 +467,7 @@ class RLEditMethod(EditMethod):
             except ValueError as error:
                 raise UpdateError(str(error)) from error
         self.hypernet.load_state_dict(state)
+        self.applied_requests = {} if rehearsal is None else _decoded(rehearsal)
         self.inverses.clear()
 
 
@@ -455,6 +482,21 @@ class MALMENMethod(RLEditMethod):
 def detached(updates: dict[str, Factors]) -> dict[str, Factors]:
     """``updates`` with each factor detached from its graph."""
     return {name: (u.detach(), v.detach()) for name, (u, v) in updates.items()}
+
+
+def _encoded(applied: dict[int, list[EditRequest]]) -> torch.Tensor:
+    """The applied steps' requests (what rehearsal reads of them) as a uint8 tensor of UTF-8 JSON, so that a
+    saved editor state, which holds tensors only, keeps them."""
+    rows = [[step_id, [[r.prompt, r.target_new, r.subject] for r in requests]]
+            for step_id, requests in sorted(applied.items())]
+    return torch.tensor(list(json.dumps(rows).encode("utf-8")), dtype=torch.uint8)
+
+
+def _decoded(tensor: torch.Tensor) -> dict[int, list[EditRequest]]:
+    """What :func:`_encoded` wrote."""
+    rows = json.loads(bytes(tensor.tolist()).decode("utf-8"))
+    return {int(step_id): [EditRequest(prompt=p, target_new=t, subject=s) for p, t, s in requests]
+            for step_id, requests in rows}
 
 
 def _same_rows(a: TokenBatch, b: TokenBatch) -> bool:
