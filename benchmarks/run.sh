@@ -497,3 +497,13 @@ done
 #   cp -r benchmarks/results/zsre-50x20-faithful/progress/alphaedit__*.partial runs/faithful-zsre-50x20/
 #   cp -r benchmarks/results/zsre-50x20-faithful/progress/memit__*.partial runs/faithful-zsre-50x20-memit/
 # then the two bench lines above with --resume added.
+
+# Experiment log 45 (benchmarks/results/README.md): rehearsal -- each step's later passes also read earlier edits
+# as extra rows -- on the shipped zsRE rule, on the validation stream
+for setting in '{"rehearsal": 20}:rehearsal20' '{"rehearsal": 20, "scale": {"alpha": 1.5}}:rehearsal20-alpha15' \
+               '{"rehearsal": 60}:rehearsal60'; do
+  .venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint rledit/editors/smollm2-135m-zsre --steps 50 \
+    --setting "${setting%:*}" --out "runs/sweep-${setting##*:}"
+  cp "runs/sweep-${setting##*:}/sweep.json" "benchmarks/results/sweeps/rehearsal/sweep-zsre-${setting##*:}.json"
+  cp "runs/sweep-${setting##*:}/sweep.md" "benchmarks/results/sweeps/rehearsal/sweep-zsre-${setting##*:}.md"
+done
