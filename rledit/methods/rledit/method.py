@@ -11,7 +11,8 @@
 5. at edit time, optionally more passes (``passes`` > 1): the step's features are captured again with the update
    so far applied, and steps 1–4 add the update of what is still missing (ΔW = Σ_p U_p V_p). With the memory
    solve at β ≈ 1 this is recursive least squares that also converges within the step. ``refine_layers``
-   keeps the later passes to the upper edited layers (cheaper: they then run only those layers and up).
+   keeps the later passes to the upper edited layers (cheaper: they then run only those layers and up), and
+   ``rehearsal`` adds earlier steps' edits to the later passes' rows, so each step also repairs old edits.
 
 Everything is differentiable: with gradients enabled, V carries the graph into D, λ and the network, which is
 what the RL trainer backpropagates through. K is the step's (detached) keys. The Gram matrix and the solve
