@@ -507,3 +507,14 @@ for setting in '{"rehearsal": 20}:rehearsal20' '{"rehearsal": 20, "scale": {"alp
   cp "runs/sweep-${setting##*:}/sweep.json" "benchmarks/results/sweeps/rehearsal/sweep-zsre-${setting##*:}.json"
   cp "runs/sweep-${setting##*:}/sweep.md" "benchmarks/results/sweeps/rehearsal/sweep-zsre-${setting##*:}.md"
 done
+# ... and on the 1,000-edit eval stream, with its scores by edit age beside the shipped row's
+.venv/bin/rledit bench --model smollm2-135m --split eval --seed 0 --data zsre --steps 50 --batch 20 --timing end \
+  --protocols zsre-token-acc@2 zsre-token-acc@1 --methods rledit:smollm2-135m-zsre --set method.rehearsal=20 \
+  --label "smollm2-135m-zsre with rehearsal 20" --save-every 10 --out runs/eval-rehearsal20
+mkdir -p benchmarks/results/rehearsal-zsre-50x20
+cp runs/eval-rehearsal20/*.json runs/eval-rehearsal20/*.jsonl benchmarks/results/rehearsal-zsre-50x20/
+.venv/bin/rledit bench-report benchmarks/results/rehearsal-zsre-50x20
+.venv/bin/python benchmarks/edit_age.py --block 10 --protocol zsre-token-acc@2 \
+  --runs benchmarks/results/zsre-50x20-v2/rledit_smollm2-135m-zsre.jsonl \
+         benchmarks/results/rehearsal-zsre-50x20/smollm2-135m-zsre_with_rehearsal_20.jsonl \
+  --out benchmarks/results/rehearsal-zsre-50x20/edit-age
