@@ -518,3 +518,8 @@ cp runs/eval-rehearsal20/*.json runs/eval-rehearsal20/*.jsonl benchmarks/results
   --runs benchmarks/results/zsre-50x20-v2/rledit_smollm2-135m-zsre.jsonl \
          benchmarks/results/rehearsal-zsre-50x20/smollm2-135m-zsre_with_rehearsal_20.jsonl \
   --out benchmarks/results/rehearsal-zsre-50x20/edit-age
+# ... the CounterFact editor with rehearsal 20 on its validation stream
+.venv/bin/python benchmarks/validation_sweep.py --data counterfact --checkpoint rledit/editors/smollm2-135m-counterfact \
+  --steps 50 --setting '{"rehearsal": 20}' --out runs/sweep-cf-rehearsal20
+cp runs/sweep-cf-rehearsal20/sweep.json benchmarks/results/sweeps/rehearsal/sweep-cf-rehearsal20.json
+cp runs/sweep-cf-rehearsal20/sweep.md benchmarks/results/sweeps/rehearsal/sweep-cf-rehearsal20.md
