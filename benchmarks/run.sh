@@ -522,3 +522,8 @@ cp runs/eval-rehearsal20/*.json runs/eval-rehearsal20/*.jsonl benchmarks/results
   --steps 50 --setting '{"rehearsal": 20}' --out runs/sweep-cf-rehearsal20
 cp runs/sweep-cf-rehearsal20/sweep.json benchmarks/results/sweeps/rehearsal/sweep-cf-rehearsal20.json
 cp runs/sweep-cf-rehearsal20/sweep.md benchmarks/results/sweeps/rehearsal/sweep-cf-rehearsal20.md
+# ... the untrained eight-layer editor with the same rule (runs/zsre-upper8-untrained, Experiment log 44) and rehearsal 20
+.venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint runs/zsre-upper8-untrained --steps 50 \
+  --setting '{"rehearsal": 20}' --out runs/sweep-untrained-rehearsal20
+cp runs/sweep-untrained-rehearsal20/sweep.json benchmarks/results/sweeps/rehearsal/sweep-zsre-untrained-rehearsal20.json
+cp runs/sweep-untrained-rehearsal20/sweep.md benchmarks/results/sweeps/rehearsal/sweep-zsre-untrained-rehearsal20.md
