@@ -499,13 +499,15 @@ done
 # then the two bench lines above with --resume added.
 
 # Experiment log 45 (benchmarks/results/README.md): rehearsal -- each step's later passes also read earlier edits
-# as extra rows -- on the shipped zsRE rule, on the validation stream
-for setting in '{"rehearsal": 20}:rehearsal20' '{"rehearsal": 20, "scale": {"alpha": 1.5}}:rehearsal20-alpha15'; do
-  .venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint rledit/editors/smollm2-135m-zsre --steps 50 \
-    --setting "${setting%:*}" --out "runs/sweep-${setting##*:}"
-  cp "runs/sweep-${setting##*:}/sweep.json" "benchmarks/results/sweeps/rehearsal/sweep-zsre-${setting##*:}.json"
-  cp "runs/sweep-${setting##*:}/sweep.md" "benchmarks/results/sweeps/rehearsal/sweep-zsre-${setting##*:}.md"
-done
+# as extra rows -- on the validation stream. rehearsal_sweep DATA CHECKPOINT SETTING NAME: a 50 x 20 validation sweep
+# kept as sweeps/rehearsal/sweep-NAME.{json,md}
+rehearsal_sweep() {
+  .venv/bin/python benchmarks/validation_sweep.py --data "$1" --checkpoint "$2" --steps 50 --setting "$3" --out "runs/sweep-$4"
+  cp "runs/sweep-$4/sweep.json" "benchmarks/results/sweeps/rehearsal/sweep-$4.json"
+  cp "runs/sweep-$4/sweep.md" "benchmarks/results/sweeps/rehearsal/sweep-$4.md"
+}
+rehearsal_sweep zsre rledit/editors/smollm2-135m-zsre '{"rehearsal": 20}' zsre-rehearsal20
+rehearsal_sweep zsre rledit/editors/smollm2-135m-zsre '{"rehearsal": 20, "scale": {"alpha": 1.5}}' zsre-rehearsal20-alpha15
 # ... and on the 1,000-edit eval stream, with its scores by edit age beside the shipped row's
 .venv/bin/rledit bench --model smollm2-135m --split eval --seed 0 --data zsre --steps 50 --batch 20 --timing end \
   --protocols zsre-token-acc@2 zsre-token-acc@1 --methods rledit:smollm2-135m-zsre --set method.rehearsal=20 \
@@ -517,13 +519,7 @@ cp runs/eval-rehearsal20/*.json runs/eval-rehearsal20/*.jsonl benchmarks/results
   --runs benchmarks/results/zsre-50x20-v2/rledit_smollm2-135m-zsre.jsonl \
          benchmarks/results/rehearsal-zsre-50x20/smollm2-135m-zsre_with_rehearsal_20.jsonl \
   --out benchmarks/results/rehearsal-zsre-50x20/edit-age
-# ... the CounterFact editor with rehearsal 20 on its validation stream
-.venv/bin/python benchmarks/validation_sweep.py --data counterfact --checkpoint rledit/editors/smollm2-135m-counterfact \
-  --steps 50 --setting '{"rehearsal": 20}' --out runs/sweep-cf-rehearsal20
-cp runs/sweep-cf-rehearsal20/sweep.json benchmarks/results/sweeps/rehearsal/sweep-cf-rehearsal20.json
-cp runs/sweep-cf-rehearsal20/sweep.md benchmarks/results/sweeps/rehearsal/sweep-cf-rehearsal20.md
-# ... the untrained eight-layer editor with the same rule (runs/zsre-upper8-untrained, Experiment log 44) and rehearsal 20
-.venv/bin/python benchmarks/validation_sweep.py --data zsre --checkpoint runs/zsre-upper8-untrained --steps 50 \
-  --setting '{"rehearsal": 20}' --out runs/sweep-untrained-rehearsal20
-cp runs/sweep-untrained-rehearsal20/sweep.json benchmarks/results/sweeps/rehearsal/sweep-zsre-untrained-rehearsal20.json
-cp runs/sweep-untrained-rehearsal20/sweep.md benchmarks/results/sweeps/rehearsal/sweep-zsre-untrained-rehearsal20.md
+# ... the CounterFact editor with rehearsal 20 on its validation stream, and the untrained eight-layer editor with the
+# same zsRE rule (runs/zsre-upper8-untrained, Experiment log 44) with it
+rehearsal_sweep counterfact rledit/editors/smollm2-135m-counterfact '{"rehearsal": 20}' cf-rehearsal20
+rehearsal_sweep zsre runs/zsre-upper8-untrained '{"rehearsal": 20}' zsre-untrained-rehearsal20

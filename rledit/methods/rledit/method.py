@@ -490,12 +490,12 @@ def _encoded(applied: dict[int, list[EditRequest]]) -> torch.Tensor:
     saved editor state, which holds tensors only, keeps them."""
     rows = [[step_id, [[r.prompt, r.target_new, r.subject] for r in requests]]
             for step_id, requests in sorted(applied.items())]
-    return torch.tensor(list(json.dumps(rows).encode("utf-8")), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(json.dumps(rows).encode("utf-8")), dtype=torch.uint8)
 
 
 def _decoded(tensor: torch.Tensor) -> dict[int, list[EditRequest]]:
     """What :func:`_encoded` wrote."""
-    rows = json.loads(bytes(tensor.tolist()).decode("utf-8"))
+    rows = json.loads(tensor.cpu().numpy().tobytes().decode("utf-8"))
     return {int(step_id): [EditRequest(prompt=p, target_new=t, subject=s) for p, t, s in requests]
             for step_id, requests in rows}
 
